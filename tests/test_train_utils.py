@@ -1,0 +1,160 @@
+"""Shared plumbing: exact-resume data loading, atomic checkpoints, RNG state, EMA, loss checks, presets."""
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train_utils as tu
+
+
+class RandomItems(torch.utils.data.Dataset):
+    """Item = (its index, a random draw): shows both the order and the per-sample randomness."""
+
+    def __init__(self, n=23):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([i, torch.randint(0, 10**6, ()).item(), int(np.random.randint(10**6))])
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_loader_resume_mid_epoch_equals_straight_run():
+    straight = take(tu.ResumableLoader(RandomItems(), 4, seed=3), 13)  # 5 batches/epoch: crosses two epochs
+    first = tu.ResumableLoader(RandomItems(), 4, seed=3)
+    part = take(first, 7)
+    resumed = tu.ResumableLoader(RandomItems(), 4, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    part += take(resumed, 6)
+    assert first.state_dict() == {"epoch": 1, "batch": 2}
+    assert all(torch.equal(a, b) for a, b in zip(straight, part))
+
+
+def test_loader_epochs_are_permutations_and_reshuffled():
+    loader = tu.ResumableLoader(RandomItems(20), 4, seed=0)
+    e0 = torch.cat(take(loader, 5))[:, 0]
+    e1 = torch.cat(take(loader, 5))[:, 0]
+    assert sorted(e0.tolist()) == list(range(20)) and sorted(e1.tolist()) == list(range(20))
+    assert not torch.equal(e0, e1)
+
+
+def test_ranks_split_the_global_batch():
+    """Two ranks with batch B/2 see exactly the samples (and random draws) of one rank with batch B."""
+    one = take(tu.ResumableLoader(RandomItems(), 4, seed=5, rank=0, world_size=1), 3)
+    r0 = take(tu.ResumableLoader(RandomItems(), 2, seed=5, rank=0, world_size=2), 3)
+    r1 = take(tu.ResumableLoader(RandomItems(), 2, seed=5, rank=1, world_size=2), 3)
+    for full, a, b in zip(one, r0, r1):
+        assert torch.equal(full[0::2], a) and torch.equal(full[1::2], b)
+
+
+def test_per_sample_randomness_independent_of_workers():
+    a = take(tu.ResumableLoader(RandomItems(), 4, seed=1, num_workers=0), 3)
+    b = take(tu.ResumableLoader(RandomItems(), 4, seed=1, num_workers=2), 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_loader_leaves_training_rng_alone():
+    loader = tu.ResumableLoader(RandomItems(), 4, seed=1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(loader)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_too_small_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="too few"):
+        tu.ResumableLoader(RandomItems(3), 4)
+    with pytest.raises(ValueError, match="empty"):
+        tu.ResumableLoader(RandomItems(0), 4)
+
+
+def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt" / "0000010.pt")
+    tu.save_checkpoint({"model": {"w": torch.ones(2)}, "step": 10}, path)
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        tu.save_checkpoint({"model": {"w": torch.zeros(2)}, "step": 11}, path)
+    monkeypatch.undo()
+    assert tu.load_checkpoint(path)["step"] == 10
+    assert os.listdir(tmp_path / "ckpt") == ["0000010.pt"]  # no temporary file left behind
+
+
+def test_prune_and_resume_resolution(tmp_path):
+    d = str(tmp_path)
+    assert tu.resolve_resume("auto", d) is None
+    for step in (5, 20, 10):
+        tu.save_checkpoint({"model": {}, "step": step}, os.path.join(d, f"{step:07d}.pt"))
+    assert tu.resolve_resume("auto", d).endswith("0000020.pt")
+    tu.prune_checkpoints(d, keep=2)
+    assert [os.path.basename(p) for p in tu.list_checkpoints(d)] == ["0000010.pt", "0000020.pt"]
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        tu.resolve_resume(os.path.join(d, "missing.pt"), d)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="Could not read"):
+        tu.load_checkpoint(str(bad))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(KeyError, match="expected keys"):
+        tu.load_checkpoint(str(other))
+
+
+def test_check_resume_args_names_mismatch():
+    with pytest.raises(ValueError, match="model: checkpoint 'DiT-B/2' vs now 'DiT-S/2'"):
+        tu.check_resume_args({"model": "DiT-B/2", "lr": 1}, argparse.Namespace(model="DiT-S/2", lr=1), ["model", "lr"])
+
+
+def test_rng_states_round_trip():
+    states = tu.rng_states()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    tu.restore_rng_states(states)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_check_finite_names_the_part():
+    tu.check_finite(3, rec=torch.tensor(1.0), kl=torch.tensor(2.0))
+    with pytest.raises(tu.NonFiniteLossError, match=r"step 7: kl"):
+        tu.check_finite(7, rec=torch.tensor(1.0), kl=torch.tensor(float("nan")))
+
+
+def test_update_ema_formula():
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    tu.update_ema(ema, model, decay=0.9)
+    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+
+
+def test_apply_preset_only_fills_defaults():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args(["--preset", "tiny", "--batch-size", "8"])
+    tu.apply_preset(args, parser, {"tiny": {"batch_size": 16, "lr": 1e-3}})
+    assert args.batch_size == 8 and args.lr == 1e-3
+
+
+def test_precision_resolution():
+    assert tu.resolve_precision(None, "cpu") == "fp32"
+    assert tu.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError):
+        tu.resolve_precision("fp16", "cpu")
+    assert not tu.make_scaler("bf16", "cpu").is_enabled()

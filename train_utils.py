@@ -1,0 +1,473 @@
+"""
+Plumbing every stage shares, and nothing of the method: distributed setup, rank-0 logging, precision,
+atomic checkpoints and exact resume (RNG states, data position), EMA, and a data loader that can be stopped
+and restarted mid-epoch. The method lives in the stage scripts; this file only keeps them short.
+"""
+import glob
+import json
+import logging
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+#################################################################################
+#                              Distributed Helpers                              #
+#################################################################################
+
+def setup_distributed():
+    """
+    Initialise torch.distributed when launched by torchrun (WORLD_SIZE set), else run as one process.
+    NCCL on GPU, gloo on CPU. Returns a namespace (rank, world_size, local_rank, device, is_main).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        # TF32 matmuls/convs: ~free speed on Ampere+ (DiT's train.py turns these on too).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+def cleanup_distributed():
+    """End the process group (if any) so torchrun exits cleanly."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor):
+    """Average a tensor over all ranks (returns a new tensor; identity in a single process)."""
+    tensor = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    """Send a picklable object from rank `src` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+#################################################################################
+#                          Logging and Experiment Folders                       #
+#################################################################################
+
+def _rank():
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def create_logger(logging_dir=None, name="eqvae"):
+    """Rank 0 logs to stdout and `logging_dir/log.txt`; other ranks stay silent (as DiT's train.py)."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if _rank() == 0:
+        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        handlers = [logging.StreamHandler(sys.stdout)]
+        if logging_dir is not None:
+            os.makedirs(logging_dir, exist_ok=True)
+            handlers.append(logging.FileHandler(os.path.join(logging_dir, "log.txt")))
+        for h in handlers:
+            h.setFormatter(fmt)
+            logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.ERROR)
+    return logger
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of scalars (rank 0 only), so curves can be plotted later."""
+
+    def __init__(self, path):
+        self.path = path if _rank() == 0 else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, step, **scalars):
+        if not self.path:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        for k, v in scalars.items():
+            row[k] = v.item() if torch.is_tensor(v) else v
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_after(self, step):
+        """On resume, drop rows written after the checkpoint's step so the curve has no duplicates."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(rows)
+
+
+def experiment_dir(results_dir, name):
+    """`results_dir/name` with a checkpoints/ subfolder, created on rank 0 (others wait)."""
+    path = os.path.join(results_dir, name)
+    if _rank() == 0:
+        os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+    barrier()
+    return path
+
+
+def apply_preset(args, parser, presets):
+    """
+    Fill in a preset's defaults (e.g. --preset tiny) for every option the user did not pass explicitly,
+    so `--preset tiny --batch-size 8` means "tiny, but batch 8".
+    """
+    if getattr(args, "preset", None) is None:
+        return args
+    if args.preset not in presets:
+        raise SystemExit(f"Unknown preset {args.preset!r}; choose from {sorted(presets)}")
+    for key, value in presets[args.preset].items():
+        if not hasattr(args, key):
+            raise KeyError(f"preset {args.preset!r} sets unknown option {key!r}")
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+    return args
+
+
+#################################################################################
+#                             Seeds and Precision                               #
+#################################################################################
+
+def seed_everything(seed, rank=0, world_size=1):
+    """Per-rank seed = seed * world_size + rank (DiT's convention); seeds python, numpy and torch."""
+    s = seed * world_size + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return s
+
+
+def resolve_precision(precision, device):
+    """None -> bf16 on CUDA (fast, no loss scaling needed), fp32 on CPU."""
+    if precision is None:
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return precision
+
+
+def autocast(precision, device):
+    """Mixed-precision context for the forward pass; weights and optimiser state stay fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_scaler(precision, device):
+    """Loss scaling is only needed for fp16 (bf16 has fp32's exponent range)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=(precision == "fp16"))
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss goes NaN/inf: training stops before a broken state can be saved."""
+
+
+def check_finite(step, **losses):
+    """Raise NonFiniteLossError naming every non-finite loss part (checked on all ranks)."""
+    bad = [k for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    flag = torch.tensor([float(len(bad) > 0)], device=next((v.device for v in losses.values() if torch.is_tensor(v)), "cpu"))
+    if is_distributed():
+        # Every rank must stop together, or the others hang at the next collective.
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        where = f"{', '.join(bad)} on rank {_rank()}" if bad else f"another rank (this is rank {_rank()})"
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {step}: {where}. Training stopped; the last checkpoint is untouched. "
+            "Try a lower learning rate, --precision fp32/bf16, or resume from the last checkpoint.")
+
+
+#################################################################################
+#                                 Checkpoints                                   #
+#################################################################################
+
+def save_checkpoint(state, path):
+    """
+    Write atomically on rank 0: save to a temporary file in the same folder, then rename. A run killed mid-write
+    leaves the previous checkpoint intact (os.replace is atomic on POSIX).
+    """
+    if _rank() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_checkpoints(ckpt_dir):
+    """Checkpoints named <step>.pt, oldest first."""
+    paths = [p for p in glob.glob(os.path.join(ckpt_dir, "*.pt")) if os.path.basename(p)[:-3].isdigit()]
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[:-3]))
+
+
+def prune_checkpoints(ckpt_dir, keep):
+    """Keep the newest `keep` step checkpoints (rank 0); keep <= 0 keeps all."""
+    if _rank() != 0 or keep is None or keep <= 0:
+        return
+    for p in list_checkpoints(ckpt_dir)[:-keep]:
+        os.remove(p)
+
+
+def resolve_resume(resume, ckpt_dir):
+    """'auto' -> the newest checkpoint in ckpt_dir (or None for a fresh start); a path must exist."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file (use --resume auto to pick the newest "
+                                f"in {ckpt_dir}, or omit --resume to start fresh)")
+    return resume
+
+
+def load_checkpoint(path, required=("model",)):
+    """Load a checkpoint dict on CPU, with a clear error if it is unreadable or not one of ours."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise RuntimeError(f"Could not read checkpoint {path}: {e}. Is the file complete?") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise KeyError(f"{path} is not a training checkpoint of this stage: expected keys {list(required)}, found {have}")
+    return ckpt
+
+
+def check_resume_args(saved_args, args, keys):
+    """Refuse to resume a checkpoint made for another model/config; name the mismatching options."""
+    saved = saved_args if isinstance(saved_args, dict) else vars(saved_args)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k)!r}"
+            for k in keys if k in saved and saved[k] != getattr(args, k)]
+    if diff:
+        raise ValueError("Cannot resume: the checkpoint was made with different settings:\n  " + "\n  ".join(diff))
+
+
+#################################################################################
+#                       RNG States (exact resume across ranks)                  #
+#################################################################################
+
+def _local_rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def rng_states():
+    """Every rank's RNG states as a list indexed by rank. Collective: call on all ranks."""
+    local = _local_rng_state()
+    if not is_distributed():
+        return [local]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def restore_rng_states(states, logger=None):
+    """Restore this rank's RNG states; with a different world size, re-seeding is all we can do (warn)."""
+    world = dist.get_world_size() if is_distributed() else 1
+    if states is None or len(states) != world:
+        if logger:
+            logger.warning(f"RNG states were saved for {None if states is None else len(states)} ranks, running "
+                           f"{world}: the resumed run continues with fresh seeds (statistically equivalent).")
+        return
+    s = states[_rank()]
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+#################################################################################
+#                               Models and EMA                                  #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (DiT's update_ema)."""
+    ema_params = dict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+def requires_grad(model, flag=True):
+    for p in model.parameters():
+        p.requires_grad = flag
+
+
+def unwrap(model):
+    """The plain module inside DDP and/or torch.compile wrappers (for state dicts and attribute access)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+#################################################################################
+#                         Resumable Distributed Data Loader                     #
+#################################################################################
+
+class _EpochSampler(Sampler):
+    """
+    DistributedSampler semantics (shuffle with seed + epoch, pad to a multiple of the world size, rank r takes
+    every world-th index) that can start mid-epoch. It yields (epoch, index) pairs so the dataset wrapper can seed
+    per-sample randomness from them.
+    """
+
+    def __init__(self, n, rank, world_size, seed, shuffle, drop_last_rank_batch, batch_size):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.batch_size = batch_size
+        self.epoch, self.start = 0, 0
+        per_rank = -(-n // world_size)  # ceil: pad like DistributedSampler(drop_last=False)
+        self.per_rank = per_rank
+        self.num_batches = per_rank // batch_size if drop_last_rank_batch else -(-per_rank // batch_size)
+
+    def indices(self, epoch):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets the same count
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        mine = self.indices(self.epoch)[self.start * self.batch_size:self.num_batches * self.batch_size]
+        return iter([(self.epoch, i) for i in mine])
+
+    def __len__(self):
+        return (self.num_batches - self.start) * self.batch_size
+
+
+class _SeededItems(Dataset):
+    """
+    Seeds python/numpy/torch RNGs from (seed, epoch, index) before fetching an item, so random crops and flips are
+    a function of the sample alone: identical whether the epoch ran straight through or was resumed mid-way, and
+    whatever the number of loader workers.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        s = (self.seed * 1_000_003 + epoch * 7_919_977 + index) % (2**31)
+        # In the main process (num_workers=0) the training loop's own RNG streams must not be disturbed.
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class ResumableLoader:
+    """
+    An endless iterator over per-rank batches that records where it is (epoch, batch) for exact resume.
+
+    loader = ResumableLoader(dataset, batch_size=per_rank_batch, seed=args.global_seed)
+    batch = next(loader)                        # epochs roll over by themselves (set_epoch each time)
+    ckpt["loader"] = loader.state_dict()        # -> {"epoch": e, "batch": b}
+    loader.load_state_dict(ckpt["loader"])     # continues with the batch that was next
+    """
+
+    def __init__(self, dataset, batch_size, seed=0, num_workers=0, shuffle=True, drop_last=True, rank=None,
+                 world_size=None, pin_memory=False):
+        if len(dataset) == 0:
+            raise ValueError("The dataset is empty: no images to train on.")
+        self.rank = _rank() if rank is None else rank
+        self.world = (dist.get_world_size() if is_distributed() else 1) if world_size is None else world_size
+        self.sampler = _EpochSampler(len(dataset), self.rank, self.world, seed, shuffle, drop_last, batch_size)
+        if self.sampler.num_batches == 0:
+            raise ValueError(f"The dataset has {len(dataset)} images: too few for {self.world} rank(s) x batch "
+                             f"{batch_size} with drop_last (need at least {self.world * batch_size}).")
+        self.dataset = _SeededItems(dataset, seed)
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.epoch, self.batch = 0, 0
+        self._it = None
+
+    def __len__(self):
+        """Batches per epoch on this rank."""
+        return self.sampler.num_batches
+
+    def _start_epoch(self):
+        self.sampler.epoch, self.sampler.start = self.epoch, self.batch
+        # A private generator: otherwise DataLoader draws its worker base seed from the global torch RNG, which
+        # would shift the training loop's random stream depending on when epochs start.
+        gen = torch.Generator().manual_seed(self.sampler.seed + self.epoch)
+        self._it = iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                                   num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                                   generator=gen))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.batch >= self.sampler.num_batches:
+            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._start_epoch()
+        out = next(self._it)
+        self.batch += 1
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch, self._it = int(state["epoch"]), int(state["batch"]), None
