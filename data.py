@@ -1,11 +1,474 @@
 """
 Datasets and transforms every stage shares: ImageFolder, the ADM center crop, the EQ-VAE random crop,
 the built-in synthetic dataset, and the latent/token caches.
+
+Every dataset item is (image, label) with image a float tensor (3, H, W) in [-1, 1] (uint8 / 127.5 - 1, i.e.
+torchvision's ToTensor followed by Normalize(0.5, 0.5)) and label an int. Random transforms draw from the global
+python / numpy / torch RNGs, exactly like the reference pipelines, so train_utils.ResumableLoader can seed them per
+sample and a resumed run sees the same crops.
 """
+import colorsys
+import math
 import os
+import random
+import warnings
 
 import numpy as np
 import torch
+from PIL import Image
+
+
+#################################################################################
+#                      uint8 <-> [-1, 1] conversion, image grids                #
+#################################################################################
+
+def to_uint8(x):
+    """[-1, 1] tensor -> uint8 tensor via clamp(127.5 x + 128, 0, 255) (DiT/ADM sample convention)."""
+    # The +128 (not +127.5) followed by truncation rounds to nearest: 127.5 x + 127.5 + 0.5, floored.
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+
+
+def pil_to_tensor(pil_image):
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1] (= ToTensor + Normalize(0.5, 0.5))."""
+    arr = np.asarray(pil_image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def save_image_grid(x, path, nrow=8, padding=2):
+    """Write a batch x: (B, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid, nrow images per row."""
+    x = x.detach().float().cpu()
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"save_image_grid expects (B, 1|3, H, W), got {tuple(x.shape)}")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    b, _, h, w = x.shape
+    ncol = min(nrow, b)
+    nrows = math.ceil(b / ncol)
+    # Same layout as torchvision.utils.make_grid: `padding` black pixels around and between the tiles.
+    grid = torch.zeros(3, nrows * (h + padding) + padding, ncol * (w + padding) + padding, dtype=torch.uint8)
+    imgs = to_uint8(x)
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[:, top:top + h, left:left + w] = imgs[i]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+#################################################################################
+#           Crops: ADM center crop (DiT, SiT, REPA) and the EQ-VAE crop         #
+#################################################################################
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop: halve with a BOX filter while possible, BICUBIC so the short side == image_size, crop."""
+    # As guided-diffusion/image_datasets.py and DiT's train.py. The exact 2x box halvings are cheap anti-aliasing
+    # for big images; they change pixel values compared with one bicubic resize, and the ADM reference batches
+    # (FID statistics) were made this way, so we keep them.
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top = (arr.shape[0] - image_size) // 2   # floor: odd leftovers lose their extra row/column at the bottom/right
+    left = (arr.shape[1] - image_size) // 2
+    # DiT returns a PIL image (so torchvision transforms can follow); ADM returned the array.
+    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+def _area_resample_rows(f, out_size):
+    """Exact pixel-area resampling of f: (n, ...) along its first axis to out_size rows (float64)."""
+    # Output row o covers [b_o, b_(o+1)] = [o s, (o + 1) s] in input rows (s = n / out_size); its value is the mean
+    # of the input over that span, fractional rows weighted by their overlap. This is what OpenCV's INTER_AREA
+    # computes, for shrinking and for enlarging alike. Via the running integral C: out_o = (C(b_(o+1)) - C(b_o)) / s
+    # with C(b) = (sum of rows below floor(b)) + frac(b) * row floor(b).
+    n = f.shape[0]
+    cum = np.zeros((n + 1,) + f.shape[1:])
+    np.cumsum(f, axis=0, out=cum[1:])
+    b = np.arange(out_size + 1) * (n / out_size)
+    i = np.minimum(np.floor(b).astype(np.int64), n)
+    frac = (b - i).reshape((-1,) + (1,) * (f.ndim - 1))
+    integral = cum[i] + frac * f[np.minimum(i, n - 1)]
+    return (integral[1:] - integral[:-1]) * (out_size / n)
+
+
+def area_resize(arr, out_h, out_w):
+    """uint8 (H, W, C) -> uint8 (out_h, out_w, C), exact area averaging (emulates cv2.resize INTER_AREA)."""
+    # Checked against OpenCV 5.0 INTER_AREA: identical when shrinking (the official case: crops of OpenImages
+    # photos are larger than 256); when enlarging within 1 level, except where OpenCV's float rounding puts a
+    # boundary in the wrong source pixel. PIL's BOX and torch's "area" differ by up to ~25 levels at 300 -> 256.
+    x = _area_resample_rows(arr, out_h)                                       # (out_h, W, C)
+    x = _area_resample_rows(x.transpose(1, 0, 2), out_w).transpose(1, 0, 2)  # (out_h, out_w, C)
+    # Round half up like OpenCV's integer fast path ((sum + area / 2) / area).
+    return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+
+
+class EQVAECrop:
+    """The official EQ-VAE training crop: random square of side U(0.5, 1) x short side, area-resized to size."""
+
+    def __init__(self, size, min_crop_f=0.5, max_crop_f=1.0):
+        self.size, self.min_crop_f, self.max_crop_f = int(size), min_crop_f, max_crop_f
+
+    def __call__(self, pil_image):
+        """RGB PIL image -> RGB PIL image (size, size)."""
+        # Reference: zelaki/eqvae ldm/data/dataset.py DatasetTrain (LDM's super-resolution data code):
+        # crop side = int(short side * np.random.uniform(0.5, 1)), albumentations 0.4.3 RandomCrop (top =
+        # int((H - c) * random.random()), then left likewise) and SmallestMaxSize(256, cv2.INTER_AREA). We draw from the
+        # same global RNGs (numpy for the scale, python for the position) and emulate INTER_AREA exactly in numpy
+        # (PIL's BOX filter and torch's "area" mode round fractional pixel footprints differently).
+        arr = np.asarray(pil_image, dtype=np.uint8)
+        h, w = arr.shape[:2]
+        side = max(1, int(min(h, w) * np.random.uniform(self.min_crop_f, self.max_crop_f)))
+        top = int((h - side) * random.random())
+        left = int((w - side) * random.random())
+        crop = arr[top:top + side, left:left + side]
+        if side != self.size:   # albumentations skips the resize when the scale is exactly 1
+            crop = area_resize(crop, self.size, self.size)
+        return Image.fromarray(crop)
+
+
+def random_hflip(pil_image, p=0.5):
+    """Horizontal flip with probability p, drawn from the torch RNG like torchvision's RandomHorizontalFlip."""
+    if torch.rand(1).item() < p:
+        return pil_image.transpose(Image.FLIP_LEFT_RIGHT)
+    return pil_image
+
+
+class ImageTransform:
+    """PIL image -> tensor (3, size, size) in [-1, 1] with one of the named training/eval pipelines."""
+    kinds = ("center", "center_flip", "eqvae")
+
+    def __init__(self, size, kind="center"):
+        if kind not in self.kinds:
+            raise ValueError(f"unknown transform {kind!r}; valid: {', '.join(self.kinds)}")
+        self.size, self.kind = int(size), kind
+        self.eqvae_crop = EQVAECrop(size)
+
+    def __call__(self, pil_image):
+        if self.kind == "eqvae":
+            img = self.eqvae_crop(pil_image)            # EQ-VAE fine-tuning: no flip (official data code)
+        else:
+            img = center_crop_arr(pil_image, self.size)  # DiT/SiT/REPA: ADM crop (+ flip in DiT training)
+            if self.kind == "center_flip":
+                img = random_hflip(img)
+        return pil_to_tensor(img)
+
+
+#################################################################################
+#                                   ImageFolder                                 #
+#################################################################################
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+
+def _scan_images(folder):
+    """Sorted paths of all image files under folder (recursive, follows symlinks, skips hidden entries)."""
+    found, stack = [], [folder]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.name.startswith("."):   # .DS_Store, macOS "._x.jpg" resource forks, .git, ...
+                    continue
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    found.append(entry.path)
+    return sorted(found)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images under root, label = index of the top-level subfolder in sorted order (ImageNet layout)."""
+
+    def __init__(self, root, transform=None, num_images=None):
+        root = os.path.expanduser(str(root))
+        if not os.path.exists(root):
+            raise FileNotFoundError(f"ImageFolder: {root} does not exist")
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"ImageFolder: {root} is not a folder of images")
+        self.root, self.transform = root, transform
+        # Scan without opening any image (file names only), so a million-image folder lists in seconds.
+        with os.scandir(root) as it:
+            top = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        subdirs = [e for e in top if e.is_dir(follow_symlinks=True)]
+        if subdirs:
+            self.classes = [e.name for e in subdirs]
+            self.samples = []
+            empty = []
+            for label, d in enumerate(subdirs):
+                paths = _scan_images(d.path)
+                empty += [] if paths else [d.name]
+                self.samples += [(p, label) for p in paths]
+            loose = [e.name for e in top if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
+            if loose:
+                warnings.warn(f"ImageFolder: ignoring {len(loose)} image(s) directly in {root} (e.g. {loose[0]}): "
+                              f"with class subfolders present, only images inside them are used")
+            if empty and self.samples:
+                # Kept as classes so labels keep their meaning (ImageNet class index = sorted folder index).
+                warnings.warn(f"ImageFolder: {len(empty)} class folder(s) without images: {', '.join(empty[:5])}")
+        else:
+            self.classes = [os.path.basename(os.path.normpath(root))]
+            self.samples = [(p, 0) for p in _scan_images(root)]
+        if not self.samples:
+            raise FileNotFoundError(f"ImageFolder: no images found under {root} (accepted extensions, any case: "
+                                    f"{' '.join(IMG_EXTENSIONS)})")
+        if num_images is not None:
+            if num_images > len(self.samples):
+                warnings.warn(f"ImageFolder: asked for {num_images} images, {root} has {len(self.samples)}")
+            self.samples = self.samples[:num_images]   # the first N in sorted order: reproducible subsets
+        self.num_skipped = 0        # unreadable files met so far (in this process; each loader worker counts its own)
+        self._bad = set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """RGB PIL image of sample index (raises on an unreadable file)."""
+        with open(self.samples[index][0], "rb") as f:
+            img = Image.open(f)
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")   # avoids PIL's palette-transparency warning; alpha dropped below
+            return img.convert("RGB")       # convert() forces the full decode, so truncated files fail here
+
+    def __getitem__(self, index):
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for ImageFolder of {n} images")
+        index %= n
+        # A corrupt file must not stop a multi-day run: warn once per file and serve the next readable one.
+        for i in range(index, index + n):
+            i %= n
+            if i in self._bad:
+                continue
+            try:
+                img = self.load(i)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+                self._bad.add(i)
+                self.num_skipped += 1
+                warnings.warn(f"ImageFolder: skipping unreadable image {self.samples[i][0]} "
+                              f"({type(e).__name__}: {e})")
+                continue
+            return (self.transform(img) if self.transform else img), self.samples[i][1]
+        raise RuntimeError(f"ImageFolder: none of the {n} files under {self.root} could be read")
+
+
+#################################################################################
+#                             Built-in synthetic dataset                        #
+#################################################################################
+# Natural-looking scenes drawn on the fly so every stage runs without downloading anything. What makes scale and
+# rotation equivariance meaningful on them: occluding shapes ("dead leaves") with log-uniform sizes (a 1/f size
+# distribution, like natural images), edges and textures at all orientations, smooth lighting gradients and 1/f
+# noise. The scene is defined in continuous coordinates [0, 1]^2 and rendered with analytic anti-aliasing (coverage
+# from the signed distance to each edge, one pixel wide), so any resolution shows the same scene, and a random crop
+# can be rendered directly (no resampling). Classes differ in palette (hue band), preferred shape and texture
+# frequency, so a small classifier can tell them apart (used to judge generated samples offline).
+
+SHAPES = ("ellipse", "rectangle", "polygon", "stripes")
+_NOISE_CELLS = (2, 4, 8, 16, 32)   # value-noise octaves, lattice cells per image side
+
+
+def _class_styles(num_classes):
+    """Fixed per-class look (independent of the dataset seed): palette, preferred shape, texture frequency."""
+    rng = np.random.default_rng([20250213, num_classes])
+    styles = []
+    for k in range(num_classes):
+        hue = k / num_classes
+        main = [colorsys.hsv_to_rgb((hue + rng.uniform(-0.03, 0.03)) % 1, rng.uniform(0.45, 0.95),
+                                    rng.uniform(0.4, 0.95)) for _ in range(3)]
+        dark = colorsys.hsv_to_rgb(hue, rng.uniform(0.3, 0.8), rng.uniform(0.12, 0.3))
+        accent = colorsys.hsv_to_rgb((hue + 0.5) % 1, rng.uniform(0.4, 0.8), rng.uniform(0.6, 0.95))
+        # Texture frequency 3..24 cycles per image, in an order unrelated to the hue so both cues carry information.
+        rank = (k * 7) % num_classes / max(num_classes - 1, 1)
+        styles.append(dict(palette=np.array(main + [dark, accent], dtype=np.float32),
+                           shape=k % len(SHAPES), freq=3.0 * 8.0 ** rank))
+    return styles
+
+
+def _interp_matrix(coords, cells):
+    """(len(coords), cells + 1) smooth interpolation weights of a lattice at 0, 1/cells, ..., 1."""
+    pos = np.clip(coords * cells, 0, cells - 1e-6)
+    i = np.floor(pos).astype(np.int64)
+    t = pos - i
+    t = t * t * (3 - 2 * t)   # smoothstep: no visible kinks at the lattice lines
+    m = np.zeros((len(coords), cells + 1), dtype=np.float32)
+    rows = np.arange(len(coords))
+    m[rows, i] = 1 - t
+    m[rows, i + 1] = t
+    return m
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Procedural class-conditional images: item = (tensor (3, R, R) in [-1, 1], label = index % num_classes)."""
+    # Each item is a pure function of (index, seed, resolution); the class looks are fixed (seed-independent),
+    # so a classifier trained on one seed judges images of another. flip: DiT's random horizontal flip (torch
+    # RNG); random_crop: the EQ-VAE crop, drawn from the global numpy / python RNGs like EQVAECrop.
+
+    def __init__(self, num_images, resolution, num_classes=10, seed=0, flip=False, random_crop=False):
+        if num_images < 1 or resolution < 1 or num_classes < 1:
+            raise ValueError(f"SyntheticImages needs num_images, resolution, num_classes >= 1, got "
+                             f"{num_images}, {resolution}, {num_classes}")
+        self.num_images, self.resolution = int(num_images), int(resolution)
+        self.num_classes, self.seed = int(num_classes), int(seed)
+        self.flip, self.random_crop = flip, random_crop
+        self.styles = _class_styles(self.num_classes)
+        self.classes = [f"{k}_{SHAPES[s['shape']]}" for k, s in enumerate(self.styles)]
+        self._interp_cache = {}
+
+    def __len__(self):
+        return self.num_images
+
+    def label(self, index):
+        """Class of item index: index % num_classes (balanced, and known without rendering)."""
+        return index % self.num_classes
+
+    def render(self, index, window=(0.0, 0.0, 1.0)):
+        """Scene of item index as float32 (3, R, R) in [0, 1]; window = (x0, y0, side) of the scene to show."""
+        R = self.resolution
+        x0, y0, side = window
+        px = side / R                                                       # one pixel in scene units
+        u = (x0 + (np.arange(R) + 0.5) * px).astype(np.float32)             # pixel centres, columns
+        v = (y0 + (np.arange(R) + 0.5) * px).astype(np.float32)             # pixel centres, rows
+        # A private generator per (seed, index) (SeedSequence mixes both, so streams are independent) makes the
+        # item deterministic whatever the order, worker or process. All numbers are drawn up front, whatever the
+        # window shows, so crops and resolutions of one item show the same scene; batched draws keep it fast.
+        rng = np.random.default_rng([self.seed, index])
+        style = self.styles[self.label(index)]
+        pal, npal = style["palette"], len(style["palette"])
+        g = rng.random(8).tolist()                                          # global scene parameters
+        lattices = [rng.standard_normal((c + 1, c + 1)).astype(np.float32) for c in _NOISE_CELLS]
+        n = 8 + int(g[0] * 12)                                              # 8..19 shapes
+        P = rng.random((n, 24))                                             # one row of uniforms per shape
+        V = rng.random((n, 6)) * (2 * math.pi)                              # polygon vertex angles
+
+        # Background: a smooth gradient between two class colours at a random orientation.
+        k0 = int(g[1] * 3)
+        c0 = pal[k0] * (0.6 + 0.5 * g[2])
+        c1 = pal[(k0 + 1 + int(g[3] * 2)) % 3] * (0.6 + 0.5 * g[4])
+        th = 2 * math.pi * g[5]
+        t = ((u[None, :] - 0.5) * math.cos(th) + (v[:, None] - 0.5) * math.sin(th)) * 0.7 + 0.5  # (R, R)
+        img = c0[:, None, None] + (c1 - c0)[:, None, None] * t[None]       # (3, R, R)
+
+        # 1/f value noise: octaves of 2..32 cells per side, amplitude halving as the frequency doubles.
+        full = tuple(window) == (0.0, 0.0, 1.0)
+        octaves = [self._interp(v, c, full) @ (lat * (0.24 / c)) @ self._interp(u, c, full).T
+                   for c, lat in zip(_NOISE_CELLS, lattices)]               # each (R, R)
+        img *= 1 + sum(octaves)[None]
+        detail = (octaves[-2] + octaves[-1]) * 8     # the fine octaves, reused as a texture inside shapes
+        light = 2 * math.pi * g[6]
+
+        # Occluding shapes, back to front, largest first; radius log-uniform in [0.02, 0.5] (density ~ 1/r).
+        P = P[np.argsort(-P[:, 0])]
+        for row, vert in zip(P.tolist(), V):
+            r = 0.02 * 25.0 ** row[0]
+            kind = style["shape"] if row[1] < 0.5 else int(row[2] * len(SHAPES))
+            cx, cy = -0.1 + 1.2 * row[3], -0.1 + 1.2 * row[4]
+            angle = 2 * math.pi * row[5]
+            aspect = math.exp(1.4 * row[6] - 0.7)
+            a, b = r * math.sqrt(aspect), r / math.sqrt(aspect)             # half-axes
+            if row[7] < 0.15:   # clutter: a colour from another class or a neutral tone
+                colour = np.array(colorsys.hsv_to_rgb(row[8], 0.6 * row[22], 0.2 + 0.7 * row[23]), np.float32)
+            else:
+                colour = pal[int(row[8] * npal)] * (0.85 + 0.3 * np.array(row[19:22], np.float32))
+            colour2 = pal[int(row[9] * npal)]
+            freq = style["freq"] * math.exp(0.6 * row[10] - 0.3)            # texture cycles per scene unit
+            tex_angle, phase = math.pi * row[11], 2 * math.pi * row[12]
+            contrast = 0.05 + 0.3 * row[13]
+            use_grating = row[14] < 0.6
+            shade = 0.35 * row[15]
+            soft = 0.012 * row[17] if row[16] < 0.3 else 0.0                # some out-of-focus edges
+            n_vert = 3 + int(row[18] * 4)
+
+            # Bounding box in pixels; skip what the window does not see.
+            ext = math.hypot(a, b) + soft + 2 * px
+            i0, i1 = max(0, math.floor((cx - ext - x0) / px)), min(R, math.ceil((cx + ext - x0) / px))
+            j0, j1 = max(0, math.floor((cy - ext - y0) / px)), min(R, math.ceil((cy + ext - y0) / px))
+            if i0 >= i1 or j0 >= j1:
+                continue
+            X = u[None, i0:i1] - np.float32(cx)                             # (1, w)
+            Y = v[j0:j1, None] - np.float32(cy)                             # (h, 1)
+            ca, sa = math.cos(angle), math.sin(angle)
+            qx, qy = X * ca + Y * sa, Y * ca - X * sa                       # (h, w) shape-local coordinates
+
+            # Signed distance to the outline (scene units, negative inside).
+            if kind == 1:      # rectangle
+                d = np.maximum(np.abs(qx) - a, np.abs(qy) - b)
+            elif kind == 2:    # convex polygon: vertices on the ellipse in angular order, d = max over edges
+                phi = np.sort(vert[:n_vert])
+                vx, vy = a * np.cos(phi), b * np.sin(phi)
+                ex, ey = np.append(vx[1:], vx[0]) - vx, np.append(vy[1:], vy[0]) - vy
+                norm = np.hypot(ex, ey) + 1e-12
+                nx, ny = (ey / norm).astype(np.float32), (-ex / norm).astype(np.float32)  # outward (CCW order)
+                off = (nx * vx + ny * vy).astype(np.float32)
+                d = (qx[None] * nx[:, None, None] + qy[None] * ny[:, None, None] - off[:, None, None]).max(0)
+            else:              # ellipse (and the stripes' outline): scaled circle distance, aspect <= 2
+                d = (np.sqrt((qx / a) ** 2 + (qy / b) ** 2) - 1) * math.sqrt(a * b)
+            alpha = np.minimum(np.maximum(0.5 - d * (1 / max(px, soft)), 0), 1)  # coverage, 1 px (or soft) wide
+
+            # Fill: colour x lighting x texture; stripes are a two-colour square wave.
+            lit = 1 + (X * (shade * math.cos(light) / ext) + Y * (shade * math.sin(light) / ext))
+            if kind == 3 or use_grating:
+                tx = X * np.float32(2 * math.pi * freq * math.cos(tex_angle)) + \
+                    (Y * np.float32(2 * math.pi * freq * math.sin(tex_angle)) + np.float32(phase))
+                wave = np.sin(tx)
+            if kind == 3:
+                # Anti-aliased square wave: distance to the zero crossing ~ wave / (2 pi f), in pixels.
+                m = np.minimum(np.maximum(wave * (1 / (2 * math.pi * freq * px)) + 0.5, 0), 1)
+                fill = (colour2[:, None, None] + (colour - colour2)[:, None, None] * m[None]) * lit[None]
+            else:
+                if use_grating:
+                    # Fade gratings whose period nears 2 pixels instead of letting them alias.
+                    period_px = 1.0 / (freq * px)
+                    tex = wave * (contrast * min(max((period_px - 2.0) / 2.0, 0.0), 1.0))
+                else:
+                    tex = detail[j0:j1, i0:i1] * contrast
+                fill = colour[:, None, None] * (lit * (1 + tex))[None]
+            sl = img[:, j0:j1, i0:i1]
+            sl += alpha[None] * (fill - sl)                                 # "over" compositing, in place
+        return np.clip(img, 0, 1)
+
+    def _interp(self, coords, cells, full_window):
+        """Lattice interpolation matrix (R, cells + 1), cached for the full-image window (the common case)."""
+        if not full_window:
+            return _interp_matrix(coords, cells)
+        if cells not in self._interp_cache:
+            self._interp_cache[cells] = _interp_matrix(coords, cells)
+        return self._interp_cache[cells]
+
+    def __getitem__(self, index):
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for SyntheticImages of {self.num_images} images")
+        index %= self.num_images
+        window = (0.0, 0.0, 1.0)
+        if self.random_crop:
+            # EQ-VAE's crop (see EQVAECrop), drawn from the same global RNGs, rendered directly at full sharpness.
+            side = np.random.uniform(0.5, 1.0)
+            top = (1 - side) * random.random()     # rows first, as albumentations draws h_start then w_start
+            left = (1 - side) * random.random()
+            window = (left, top, side)
+        img = self.render(index, window)
+        # Quantise to uint8 levels like a decoded image file, so to_uint8 of an item recovers exact PNG values.
+        x = torch.from_numpy(np.floor(img * 255 + 0.5)) / 127.5 - 1.0
+        if self.flip and torch.rand(1).item() < 0.5:
+            x = x.flip(-1)
+        return x, self.label(index)
+
+
+#################################################################################
+#                                 build_dataset                                 #
+#################################################################################
+
+def build_dataset(data, resolution, transform="center", num_images=None, seed=0):
+    """data = "synthetic" or an image folder; transform in center | center_flip | eqvae; items in [-1, 1]."""
+    if transform not in ImageTransform.kinds:
+        raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(ImageTransform.kinds)}")
+    if data == "synthetic":
+        # The scene is continuous: "center" renders it whole, "center_flip" adds DiT's random flip, and "eqvae"
+        # renders the EQ-VAE random crop window directly (same crop distribution; no resampling needed).
+        return SyntheticImages(num_images or 10000, resolution, seed=seed, flip=transform == "center_flip",
+                               random_crop=transform == "eqvae")
+    return ImageFolder(data, transform=ImageTransform(resolution, transform), num_images=num_images)
 
 
 #################################################################################

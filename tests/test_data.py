@@ -1,0 +1,306 @@
+"""data.py: synthetic scenes, ImageFolder, ADM / EQ-VAE crops, uint8 conversion, grids. Expected values come from
+hand computation, closed forms or independent code (torchvision, explicit loops), never from data.py itself."""
+import os
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+#################################################################################
+#                              Synthetic dataset                                #
+#################################################################################
+
+def test_synthetic_deterministic_per_index_and_seed():
+    a, b = data.SyntheticImages(20, 32, seed=0), data.SyntheticImages(20, 32, seed=0)
+    x3, y3 = a[3]
+    assert torch.equal(x3, a[3][0]) and torch.equal(x3, b[3][0])          # same (index, seed) -> same image
+    assert y3 == 3 and a[13][1] == 3 and len(a) == 20                      # label = index % 10
+    assert not torch.equal(x3, a[4][0])
+    assert not torch.equal(x3, data.SyntheticImages(20, 32, seed=1)[3][0])  # other seed -> other scene
+    assert torch.equal(a[-1][0], a[19][0])
+    with pytest.raises(IndexError):
+        a[20]
+
+
+@pytest.mark.parametrize("res", [8, 17, 50, 64])
+def test_synthetic_any_resolution_range_and_uint8_levels(res):
+    x, y = data.SyntheticImages(4, res, seed=2)[1]
+    assert x.shape == (3, res, res) and x.dtype == torch.float32 and isinstance(y, int)
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.05
+    k = (x.double() + 1) * 127.5                                          # items sit on uint8 levels k/127.5 - 1
+    assert torch.allclose(k, k.round(), atol=1e-3)
+    assert torch.equal(data.to_uint8(x).long(), k.round().long())        # so to_uint8 recovers them exactly
+
+
+def _colour_features(ds, n):
+    feats, labels = [], []
+    for i in range(n):
+        x, y = ds[i]
+        feats.append(torch.cat([x.mean((1, 2)), x.std((1, 2))]).numpy())
+        labels.append(y)
+    return np.array(feats), np.array(labels)
+
+
+def test_synthetic_classes_are_distinguishable():
+    Xtr, Ytr = _colour_features(data.SyntheticImages(200, 24, seed=0), 200)
+    Xte, Yte = _colour_features(data.SyntheticImages(200, 24, seed=1), 200)
+    # Per-class mean colour differs: one-way ANOVA F statistic per channel (F ~ 1 if classes were the same;
+    # the 1% critical value for (9, 190) degrees of freedom is about 2.5).
+    for c in range(3):
+        m, grand = Xtr[:, c], Xtr[:, c].mean()
+        between = sum((Ytr == k).sum() * (m[Ytr == k].mean() - grand) ** 2 for k in range(10)) / 9
+        within = sum(((m[Ytr == k] - m[Ytr == k].mean()) ** 2).sum() for k in range(10)) / (len(m) - 10)
+        assert between / within > 10
+    # A nearest-centroid classifier on mean/std colour, fit on seed 0 and tested on seed 1, beats chance (0.1).
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    centroids = np.stack([((Xtr[Ytr == k] - mu) / sd).mean(0) for k in range(10)])
+    pred = np.argmin(((((Xte - mu) / sd)[:, None] - centroids[None]) ** 2).sum(-1), 1)
+    assert (pred == Yte).mean() > 0.4
+
+
+def _orientation_histogram(images, bins=12):
+    """Counts of strong-gradient pixels per orientation (mod pi), Sobel gradients (nearly isotropic)."""
+    hist = np.zeros(bins)
+    for g in images:
+        sm_y = g[:-2] + 2 * g[1:-1] + g[2:]                       # smooth along y, then difference along x
+        gx = sm_y[:, 2:] - sm_y[:, :-2]
+        sm_x = g[:, :-2] + 2 * g[:, 1:-1] + g[:, 2:]
+        gy = sm_x[2:] - sm_x[:-2]
+        mag, ang = np.hypot(gx, gy), np.mod(np.arctan2(gy, gx), np.pi)
+        strong = mag > 0.2 * mag.max()
+        hist += np.histogram(ang[strong], bins=bins, range=(0, np.pi))[0]
+    return hist / hist.sum() * bins                              # 1.0 = uniform share
+
+
+def test_synthetic_edges_at_all_orientations():
+    ds = data.SyntheticImages(100, 48, seed=0)
+    h = _orientation_histogram([ds[i][0].mean(0).numpy() for i in range(100)])
+    assert h.min() > 0.6 and h.max() < 1.5, h
+    # The statistic can fail: axis-aligned boxes pile up at 0 and 90 degrees.
+    rng = np.random.default_rng(0)
+    boxes = []
+    for _ in range(20):
+        g = np.zeros((48, 48))
+        for _ in range(5):
+            x0, y0 = rng.integers(0, 40, 2)
+            g[y0:y0 + rng.integers(4, 20), x0:x0 + rng.integers(4, 20)] = rng.random()
+        boxes.append(g)
+    hb = _orientation_histogram(boxes)
+    assert hb.max() > 3
+
+
+def test_synthetic_scene_is_resolution_independent_and_windows_render_exactly():
+    hi, lo = data.SyntheticImages(4, 96), data.SyntheticImages(4, 24)
+    for i in range(4):
+        a = hi.render(i).reshape(3, 24, 4, 24, 4).mean((2, 4))   # 4x4 box average of the 96 px render
+        assert np.abs(a - lo.render(i)).mean() < 0.05             # same scene (fine gratings fade at 24 px)
+    # A window (x0, y0, side) with aligned pixel centres equals the matching block of a bigger render.
+    small, big = data.SyntheticImages(4, 16), data.SyntheticImages(4, 32)
+    assert np.allclose(small.render(2, (0.25, 0.5, 0.5)), big.render(2)[:, 16:32, 8:24], atol=1e-5)
+
+
+def test_synthetic_flip_and_eqvae_crop_via_build_dataset():
+    plain = data.build_dataset("synthetic", 16, "center", num_images=7)
+    assert isinstance(plain, data.SyntheticImages) and len(plain) == 7
+    flip = data.build_dataset("synthetic", 16, "center_flip", num_images=7)
+    x = plain[5][0]
+    seen = set()
+    for s in range(8):
+        torch.manual_seed(s)
+        y = flip[5][0]
+        assert torch.equal(y, x) or torch.equal(y, x.flip(-1))
+        seen.add(torch.equal(y, x))
+    assert seen == {True, False}
+    crop = data.build_dataset("synthetic", 16, "eqvae", num_images=7)
+    outs = []
+    for s in range(3):
+        random.seed(s), np.random.seed(s)
+        outs.append(crop[5][0])
+    assert outs[0].shape == (3, 16, 16) and not torch.equal(outs[0], outs[1])
+    random.seed(1), np.random.seed(1)
+    assert torch.equal(crop[5][0], outs[1])                        # the crop follows the global RNGs
+
+
+#################################################################################
+#                                  ImageFolder                                  #
+#################################################################################
+
+def _write(path, size=(20, 12), colour=(10, 200, 30), mode="RGB", fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.new("RGB", size, colour)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "imgs"
+    _write(str(root / "b_dogs" / "x.png"))
+    _write(str(root / "a_cats" / "sub" / "deep" / "y.JPG"), fmt="JPEG")
+    _write(str(root / "a_cats" / "z.jpeg"), mode="L")                 # greyscale -> RGB
+    _write(str(root / "c_owls" / "w.bmp"), mode="P")
+    _write(str(root / "c_owls" / "v.WebP"), mode="RGBA")
+    (root / "c_owls" / "notes.txt").write_text("not an image")
+    _write(str(root / "a_cats" / ".hidden.png"))                      # hidden files are skipped
+    (root / "b_dogs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return root
+
+
+def test_imagefolder_scan_labels_and_rgb(folder):
+    ds = data.ImageFolder(folder)
+    assert ds.classes == ["a_cats", "b_dogs", "c_owls"]
+    rel = [(os.path.relpath(p, folder), y) for p, y in ds.samples]
+    assert rel == [("a_cats/sub/deep/y.JPG", 0), ("a_cats/z.jpeg", 0), ("b_dogs/bad.png", 1),
+                   ("b_dogs/x.png", 1), ("c_owls/v.WebP", 2), ("c_owls/w.bmp", 2)]
+    img, y = ds[1]
+    assert img.mode == "RGB" and img.size == (20, 12) and y == 0
+    assert ds[5][0].mode == "RGB" and ds[4][0].mode == "RGB"
+    assert ds.num_skipped == 0
+
+
+def test_imagefolder_corrupt_file_is_skipped_with_warning(folder):
+    ds = data.ImageFolder(folder)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        img, y = ds[2]                                               # bad.png -> the next file, x.png
+        assert y == 1 and np.asarray(img)[0, 0].tolist() == [10, 200, 30]
+        assert ds.num_skipped == 1
+        assert any("bad.png" in str(m.message) for m in w)
+        n = len(w)
+        ds[2], ds[3]
+        assert len(w) == n and ds.num_skipped == 1                   # warned once per file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = [ds[i] for i in range(len(ds))]                      # a full pass never raises
+    assert len(items) == 6
+
+
+def test_imagefolder_flat_folder_subset_and_transform(tmp_path):
+    for i in range(5):
+        _write(str(tmp_path / f"im{i}.png"), size=(40, 30), colour=(i * 50, 0, 255))
+    ds = data.ImageFolder(tmp_path, num_images=3)
+    assert ds.classes == [tmp_path.name] and len(ds) == 3
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["im0.png", "im1.png", "im2.png"]
+    assert {y for _, y in ds.samples} == {0}
+    ds = data.build_dataset(str(tmp_path), 16, "center")
+    x, y = ds[1]
+    assert x.shape == (3, 16, 16) and y == 0
+    # (50, 0, 255) / 127.5 - 1 on a uniform image
+    assert torch.allclose(x[:, 8, 8], torch.tensor([50 / 127.5 - 1, -1.0, 1.0]), atol=1e-6)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.ImageFolder(tmp_path / "nope")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError) as e:
+        data.ImageFolder(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(e.value) and ".jpg" in str(e.value) and ".png" in str(e.value)
+    with pytest.raises(ValueError, match="center_flip"):
+        data.build_dataset(str(tmp_path), 16, "random")
+
+
+#################################################################################
+#                                     Crops                                     #
+#################################################################################
+
+def test_center_crop_arr_hand_checked():
+    # 96 x 32 (W x H), size 32: no halving (32 < 64), scale 1, left = (96 - 32) // 2 = 32 -> the middle third.
+    arr = np.zeros((32, 96, 3), np.uint8)
+    arr[:, 32:64] = (200, 100, 50)
+    out = np.asarray(data.center_crop_arr(Image.fromarray(arr), 32))
+    assert out.shape == (32, 32, 3) and (out == (200, 100, 50)).all()
+    # Odd leftover: 35 x 32 -> left = 1, so output columns 0 and 31 are input columns 1 and 32.
+    arr = np.zeros((32, 35, 3), np.uint8)
+    arr[:, 1], arr[:, 32] = 255, 128
+    out = np.asarray(data.center_crop_arr(Image.fromarray(arr), 32))
+    assert (out[:, 0] == 255).all() and (out[:, 31] == 128).all() and (out[:, 1:31] == 0).all()
+    out = np.asarray(data.center_crop_arr(Image.fromarray(arr.transpose(1, 0, 2).copy()), 32))  # 32 x 35: top = 1
+    assert (out[0] == 255).all() and (out[31] == 128).all() and (out[1:31] == 0).all()
+    # 256 px one-pixel checkerboard, size 64: two exact 2x BOX halvings average it to mid-grey, then scale 1.
+    chk = ((np.indices((256, 256)).sum(0) % 2) * 255).astype(np.uint8)
+    out = np.asarray(data.center_crop_arr(Image.fromarray(np.stack([chk] * 3, -1)), 64)).astype(int)
+    assert out.shape == (64, 64, 3) and np.abs(out - 127.5).max() <= 1
+    # Sizes: halving stops once the short side < 2 * size; upscaling small images works too.
+    for w, h, s in [(130, 130, 64), (500, 333, 64), (50, 1000, 32), (10, 7, 16)]:
+        assert data.center_crop_arr(Image.new("RGB", (w, h)), s).size == (s, s)
+
+
+def test_area_resize_hand_checked():
+    row = np.array([[0, 100, 200]], np.uint8)[..., None]                         # (1, 3, 1)
+    # 3 -> 2: output pixels average [0, 1.5] and [1.5, 3]: (0 + 50) / 1.5 = 33.3, (50 + 200) / 1.5 = 166.7
+    assert data.area_resize(row, 1, 2)[0, :, 0].tolist() == [33, 167]
+    # 3 -> 4 (enlarging): output spans 0.75 px: [0, 0.75] -> 0, [0.75, 1.5] -> (25 + 50) / 0.75 = 66.7, ...
+    assert data.area_resize(row, 1, 4)[0, :, 0].tolist() == [0, 67, 133, 200]
+    # Against a brute-force double loop over output/input pixel overlaps, shrinking and enlarging.
+    rng = np.random.default_rng(0)
+    for (h, w), (oh, ow) in [((7, 11), (3, 4)), ((5, 6), (8, 9)), ((9, 4), (9, 2))]:
+        img = rng.integers(0, 256, (h, w, 1), dtype=np.uint8)
+        ref = np.zeros((oh, ow))
+        for o in range(oh):
+            for p in range(ow):
+                for i in range(h):
+                    for j in range(w):
+                        wy = max(0.0, min((o + 1) * h / oh, i + 1) - max(o * h / oh, i))
+                        wx = max(0.0, min((p + 1) * w / ow, j + 1) - max(p * w / ow, j))
+                        ref[o, p] += wy * wx * img[i, j, 0]
+        ref /= h / oh * w / ow
+        # correctly rounded (ties may go either way: the two summation orders differ in the last bit)
+        assert np.abs(data.area_resize(img, oh, ow)[..., 0] - ref).max() <= 0.5 + 1e-9
+    # 2x2 -> 1 averages exactly; a .5 rounds up (OpenCV's integer path)
+    blk = np.array([[0, 0], [1, 1]], np.uint8)[..., None]
+    assert data.area_resize(blk, 1, 1)[0, 0, 0] == 1
+
+
+def test_eqvae_crop_size_and_scale_range():
+    # Pixel value = column index, so the output's first/last columns reveal the crop's left edge and side.
+    ramp = np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (200, 1, 3))
+    crop = data.EQVAECrop(50)
+    np.random.seed(0), random.seed(0)
+    sides = []
+    for _ in range(40):
+        out = np.asarray(crop(Image.fromarray(ramp))).astype(float)
+        assert out.shape == (50, 50, 3)
+        first, last = out[:, 0, 0].mean(), out[:, -1, 0].mean()
+        side = (last - first) * 50 / 49                        # centres of output pixels are side / 50 apart
+        left = first - side / 100 + 0.5                        # first centre = left + side / 100 - 0.5
+        assert 100 - 2 <= side <= 200 + 2 and left >= -1 and left + side <= 201
+        sides.append(side)
+    assert min(sides) < 120 and max(sides) > 180                # spans U(0.5, 1) x short side
+    np.random.seed(5), random.seed(5)
+    a = np.asarray(crop(Image.fromarray(ramp)))
+    np.random.seed(5), random.seed(5)
+    assert np.array_equal(a, np.asarray(crop(Image.fromarray(ramp))))
+
+
+#################################################################################
+#                           uint8 conversion and grids                          #
+#################################################################################
+
+def test_to_uint8_and_pil_to_tensor():
+    x = torch.tensor([-1.0, 1.0, 0.0, -2.0, 2.0, 0.5])
+    # clamp(127.5 x + 128): -1 -> 0.5 -> 0, 1 -> 255.5 -> 255, 0 -> 128, 0.5 -> 191.75 -> 191
+    assert data.to_uint8(x).tolist() == [0, 255, 128, 0, 255, 191]
+    k = torch.arange(256)
+    assert torch.equal(data.to_uint8(k / 127.5 - 1).long(), k)
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    ref = (torch.from_numpy(arr).permute(2, 0, 1) / 255.0 - 0.5) / 0.5     # ToTensor, then Normalize(0.5, 0.5)
+    assert torch.allclose(data.pil_to_tensor(Image.fromarray(arr)), ref, atol=1e-6)
+
+
+def test_save_image_grid(tmp_path):
+    x = torch.rand(5, 3, 8, 6) * 2 - 1
+    path = data.save_image_grid(x, str(tmp_path / "sub" / "g.png"), nrow=3)
+    g = np.asarray(Image.open(path))
+    assert g.shape == (2 * (8 + 2) + 2, 3 * (6 + 2) + 2, 3)          # torchvision make_grid layout, padding 2
+    u8 = ((127.5 * x + 128).clamp(0, 255)).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(g[2:10, 2:8], u8[0]) and np.array_equal(g[12:20, 10:16], u8[4])
+    assert (g[12:20, 18:24] == 0).all()                               # the empty sixth tile stays black
