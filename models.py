@@ -4,8 +4,11 @@ the KL autoencoder (SD-VAE), LPIPS, the PatchGAN discriminator, checkpoint loade
 VQ-GAN, the DiT/SiT backbone with REPA's projector, DINOv2, Gaussian diffusion, interpolant transport
 and MaskGIT. Sections are separated by banners; read top to bottom.
 """
+import json
 import math
 import os
+import pickle
+import re
 
 import numpy as np
 import torch
@@ -14,8 +17,726 @@ import torch.nn.functional as F
 
 
 #################################################################################
-#                  (KL autoencoder, LPIPS, PatchGAN, loaders: issue 2)          #
+#                  KL Autoencoder (SD-VAE): Building Blocks                     #
 #################################################################################
+# Parameter names follow LDM / taming (ldm/modules/diffusionmodules/model.py), so the LDM and EQ-VAE LDM
+# checkpoints and the taming VQ-GAN load into these modules unchanged; diffusers names are mapped in the loader.
+
+def Normalize(in_channels, num_groups=32):
+    """GroupNorm as in LDM: 32 groups, eps 1e-6, affine."""
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: GroupNorm-swish-conv twice, 1x1 nin_shortcut when channels change."""
+    def __init__(self, in_channels, out_channels=None, dropout=0.0, norm_num_groups=32):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels, norm_num_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = Normalize(out_channels, norm_num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x):
+        """x: (N, C_in, H, W) -> (N, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # swish = x * sigmoid(x) = SiLU
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions; q/k/v/proj_out are 1x1 convs (LDM's layout)."""
+    def __init__(self, in_channels, norm_num_groups=32):
+        super().__init__()
+        self.norm = Normalize(in_channels, norm_num_groups)
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        N, C, H, W = x.shape
+        h = self.norm(x)
+        # (N, 1, H*W, C): one head whose width is all C channels, so the softmax scale is C^-0.5 as in LDM.
+        q, k, v = (t.reshape(N, C, H * W).transpose(1, 2).unsqueeze(1) for t in (self.q(h), self.k(h), self.v(h)))
+        # Fast path: fused attention (flash / memory-efficient kernels on GPU) computes softmax(q k^T / sqrt(C)) v
+        # without materialising the (H*W)^2 matrix, which is 1 GB per image at 512 px for the mid block.
+        h = F.scaled_dot_product_attention(q, k, v)  # (N, 1, H*W, C)
+        h = h.squeeze(1).transpose(1, 2).reshape(N, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv after padding right and bottom by one (LDM's asymmetric padding)."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> (N, C, H/2, W/2)."""
+        # torch convs pad symmetrically; LDM pads (left 0, right 1, top 0, bottom 1) so that the released weights,
+        # trained with this padding, see the same pixels.
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> (N, C, 2H, 2W)."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+#################################################################################
+#                   KL Autoencoder: Encoder, Decoder, Posterior                 #
+#################################################################################
+
+class Encoder(nn.Module):
+    """Image -> latent moments. Each of len(ch_mult) levels holds num_res_blocks ResnetBlocks (+ attention at the
+    resolutions in attn_resolutions) and all but the last end in a Downsample: f = 2^(len(ch_mult) - 1)."""
+    def __init__(self, *, ch, out_ch=3, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions=(), in_channels=3,
+                 resolution, z_channels, double_z=True, dropout=0.0, norm_num_groups=32):
+        super().__init__()
+        # out_ch is unused here; it is accepted so that one LDM/taming "ddconfig" dict builds Encoder and Decoder.
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        curr_res, in_ch_mult = resolution, (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                block.append(ResnetBlock(block_in, block_out, dropout, norm_num_groups))
+                block_in = block_out
+                if curr_res in attn_resolutions:  # taming VQ-GAN f16: attention at 16 px; SD-VAE: none
+                    attn.append(AttnBlock(block_in, norm_num_groups))
+            down = nn.Module()
+            down.block, down.attn = block, attn
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in)
+                curr_res = curr_res // 2
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_num_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_num_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_num_groups)
+        self.norm_out = Normalize(block_in, norm_num_groups)
+        # KL: mean and logvar stacked on channels (double_z); VQ: the continuous latent alone.
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        """x: (N, in_channels, H, W) -> (N, 2 * z_channels or z_channels, H / f, W / f)."""
+        h = self.conv_in(x)
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = down.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent -> image. Mirrors the Encoder with num_res_blocks + 1 blocks per level; self.up[i] is the level at
+    resolution H / 2^i, so it runs from up[len(ch_mult) - 1] (coarsest) to up[0] (LDM's order)."""
+    def __init__(self, *, ch, out_ch=3, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions=(), in_channels=3,
+                 resolution, z_channels, double_z=True, dropout=0.0, norm_num_groups=32):
+        super().__init__()
+        # in_channels and double_z are unused here; accepted so one ddconfig dict builds Encoder and Decoder.
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        block_in = ch * ch_mult[-1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_num_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_num_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_num_groups)
+        up_levels = []
+        for i_level in reversed(range(self.num_resolutions)):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                block.append(ResnetBlock(block_in, block_out, dropout, norm_num_groups))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(AttnBlock(block_in, norm_num_groups))
+            up = nn.Module()
+            up.block, up.attn = block, attn
+            if i_level != 0:
+                up.upsample = Upsample(block_in)
+                curr_res = curr_res * 2
+            up_levels.insert(0, up)  # built coarse -> fine, stored fine -> coarse: up.{i} has LDM's index
+        self.up = nn.ModuleList(up_levels)
+        self.norm_out = Normalize(block_in, norm_num_groups)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z):
+        """z: (N, z_channels, h, w) -> (N, out_ch, h * f, w * f)."""
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block in range(self.num_res_blocks + 1):
+                h = up.block[i_block](h)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussianDistribution:
+    """The KL-VAE posterior q(z|x) = N(mean, diag(exp(logvar))), built from the stacked moments."""
+    def __init__(self, parameters):
+        """parameters: (N, 2C, h, w) = [mean, logvar] on the channel axis."""
+        self.parameters = parameters
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)  # (N, C, h, w) each
+        # LDM clamps logvar to [-30, 20] so exp() neither underflows to a zero std nor overflows.
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator=None):
+        """Reparameterised draw z = mean + std * eps, eps ~ N(0, I): (N, C, h, w)."""
+        # eps is drawn on the generator's device, so a CPU generator gives the same z on any device.
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self):
+        """The posterior mode (= mean): (N, C, h, w)."""
+        return self.mean
+
+    def kl(self):
+        """KL(q || N(0, I)) summed over C, h, w as in LDM: (N,)."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+#################################################################################
+#                          KL Autoencoder and Configs                           #
+#################################################################################
+
+class KLVAE(nn.Module):
+    """LDM's AutoencoderKL (the SD-VAE): Encoder -> quant_conv -> posterior; z -> post_quant_conv -> Decoder."""
+    def __init__(self, config):
+        super().__init__()
+        config = _kl_config(config)
+        self.config = config
+        ddconfig = {k: config[k] for k in ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                                           "in_channels", "resolution", "z_channels", "dropout", "norm_num_groups")}
+        self.encoder = Encoder(**ddconfig, double_z=True)
+        self.decoder = Decoder(**ddconfig)
+        z, e = config["z_channels"], config["embed_dim"]
+        self.quant_conv = nn.Conv2d(2 * z, 2 * e, kernel_size=1)  # moments (mean, logvar): 8 -> 8 for SD-VAE
+        self.post_quant_conv = nn.Conv2d(e, z, kernel_size=1)  # 4 -> 4 for SD-VAE
+        # Latents are multiplied by this before the generative model and divided by it before decoding (DESIGN).
+        self.scaling_factor = config["scaling_factor"]
+
+    def encode(self, x):
+        """x: (N, 3, H, W) in [-1, 1] -> posterior over (N, embed_dim, H / f, W / f)."""
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        """z: (N, embed_dim, h, w) unscaled latent -> (N, 3, h * f, w * f) image, roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, sample_posterior=True):
+        """x: (N, 3, H, W) -> (x_hat, posterior); z is sampled (training) or the posterior mode."""
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def get_last_layer(self):
+        """The weight at which LDM's adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+
+# SD-VAE = LDM kl-f8 ("autoencoder_kl_32x32x4"): 83,653,863 parameters, 4 x 32 x 32 latents at 256 px.
+_SD_VAE = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], z_channels=4, embed_dim=4,
+               in_channels=3, out_ch=3, resolution=256, norm_num_groups=32, dropout=0.0, scaling_factor=0.18215)
+vae_configs = {
+    "sd-vae": dict(_SD_VAE),
+    "sdxl-vae": dict(_SD_VAE, scaling_factor=0.13025),  # same architecture, retrained; SDXL's latent scale
+    # CPU-sized f8 autoencoder for tests and the demo (64 px -> 4 x 8 x 8). GroupNorm(32) needs >= 32 channels,
+    # so 8 groups here; everything else is SD-VAE's design.
+    "tiny": dict(_SD_VAE, ch=16, ch_mult=[1, 2, 2, 4], num_res_blocks=1, resolution=64, norm_num_groups=8),
+}
+
+
+def _kl_config(config):
+    """Complete a KLVAE config dict with SD-VAE defaults; unknown keys are an error (typos fail loudly)."""
+    unknown = sorted(set(config) - set(_SD_VAE))
+    if unknown:
+        raise ValueError(f"unknown KL autoencoder config keys {unknown}; valid keys: {sorted(_SD_VAE)}")
+    config = {**_SD_VAE, "embed_dim": config.get("z_channels", _SD_VAE["z_channels"]), **config}
+    for key in ("ch_mult", "attn_resolutions"):
+        config[key] = [int(v) for v in config[key]]  # lists, so the config is JSON- and weights_only-friendly
+    channels = [config["ch"]] + [config["ch"] * m for m in config["ch_mult"]]
+    if any(c % config["norm_num_groups"] for c in channels):
+        raise ValueError(f"norm_num_groups={config['norm_num_groups']} does not divide the channel widths {channels}")
+    return config
+
+
+def build_autoencoder(name_or_config):
+    """A freshly initialised KLVAE from a name in vae_configs or a config dict."""
+    if isinstance(name_or_config, str):
+        if name_or_config not in vae_configs:
+            raise KeyError(f"unknown autoencoder {name_or_config!r}; valid names: {sorted(vae_configs)}")
+        name_or_config = vae_configs[name_or_config]
+    return KLVAE(dict(name_or_config))
+
+
+#################################################################################
+#                     Pretrained Weights: Local Path or Hub Cache               #
+#################################################################################
+
+def find_weights(filename, url, path=None):
+    """Local path of a weight file: `path` if given, else torch hub's cache, downloading there when online."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weight file {path!r} does not exist (expected {filename}, from {url})")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if os.path.isfile(cached):
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, cached, progress=False)
+    except Exception as e:  # offline, proxy, HTTP error: say exactly what to fetch and where it goes
+        raise FileNotFoundError(
+            f"{filename} is not in torch hub's cache and could not be downloaded ({type(e).__name__}: {e}). "
+            f"Download {url} and put it at {cached}, or pass its path explicitly.") from None
+    return cached
+
+
+#################################################################################
+#            Autoencoder Checkpoints: LDM <-> diffusers, Load and Export        #
+#################################################################################
+# LDM names are this file's names. diffusers' AutoencoderKL stores the same tensors under other names (REFERENCE 4):
+#   encoder.down.{i}.block.{j}          <-> encoder.down_blocks.{i}.resnets.{j}      (nin_shortcut <-> conv_shortcut)
+#   encoder.down.{i}.downsample.conv    <-> encoder.down_blocks.{i}.downsamplers.0.conv
+#   decoder.up.{i}.block.{j}            <-> decoder.up_blocks.{L-1-i}.resnets.{j}    (diffusers counts coarse -> fine)
+#   decoder.up.{i}.upsample.conv        <-> decoder.up_blocks.{L-1-i}.upsamplers.0.conv
+#   *.mid.block_{1,2}                   <-> *.mid_block.resnets.{0,1}
+#   *.mid.attn_1.{norm,q,k,v,proj_out}  <-> *.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
+#                                           (1x1 conv [C, C, 1, 1] <-> Linear [C, C]; older files: query/key/value/proj_attn)
+#   *.norm_out                          <-> *.conv_norm_out
+_ATTN_LDM_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_ATTN_DIFFUSERS_TO_LDM = {v: k for k, v in _ATTN_LDM_TO_DIFFUSERS.items()}
+_ATTN_OLD_DIFFUSERS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def ldm_to_diffusers_name(name, num_levels):
+    """LDM parameter name -> diffusers AutoencoderKL name (num_levels = len(ch_mult))."""
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block|downsample|upsample|attn)\.(.*)", name)
+    if m:
+        part, updown, i, kind, rest = m.groups()
+        i = int(i) if part == "encoder" else num_levels - 1 - int(i)  # decoder levels are reversed
+        if kind == "block":
+            j, rest = rest.split(".", 1)
+            return f"{part}.{updown}_blocks.{i}.resnets.{j}.{rest.replace('nin_shortcut', 'conv_shortcut')}"
+        if kind in ("downsample", "upsample"):
+            return f"{part}.{updown}_blocks.{i}.{kind}rs.0.{rest}"
+        raise ValueError(f"{name}: diffusers' AutoencoderKL has no attention inside {updown} blocks")
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.*)", name)
+    if m:
+        part, sub, rest = m.groups()
+        if sub == "attn_1":
+            layer, param = rest.rsplit(".", 1)
+            return f"{part}.mid_block.attentions.0.{_ATTN_LDM_TO_DIFFUSERS[layer]}.{param}"
+        return f"{part}.mid_block.resnets.{int(sub[-1]) - 1}.{rest}"
+    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", name)
+
+
+def diffusers_to_ldm_name(name, num_levels):
+    """diffusers AutoencoderKL name (current or older attention names) -> LDM parameter name."""
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets\.\d+|downsamplers\.0|upsamplers\.0)\.(.*)",
+                     name)
+    if m:
+        part, updown, i, sub, rest = m.groups()
+        i = int(i) if part == "encoder" else num_levels - 1 - int(i)
+        if sub.startswith("resnets"):
+            return f"{part}.{updown}.{i}.block.{sub.split('.')[1]}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{part}.{updown}.{i}.{updown}sample.{rest}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets\.[01]|attentions\.0)\.(.*)", name)
+    if m:
+        part, sub, rest = m.groups()
+        if sub.startswith("resnets"):
+            return f"{part}.mid.block_{int(sub[-1]) + 1}.{rest}"
+        layer, param = rest.rsplit(".", 1)
+        layer = _ATTN_OLD_DIFFUSERS.get(layer, layer)
+        if layer not in _ATTN_DIFFUSERS_TO_LDM:
+            return name  # left unmapped: reported as an unexpected key by the loader
+        return f"{part}.mid.attn_1.{_ATTN_DIFFUSERS_TO_LDM[layer]}.{param}"
+    return re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", name)
+
+
+def _diffusers_to_ldm_state_dict(sd):
+    """Rename a diffusers state dict to LDM names; attention Linear [C, C] weights become 1x1 convs [C, C, 1, 1]."""
+    num_levels = 1 + max(int(m.group(2)) for k in sd if (m := re.match(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.", k)))
+    out = {}
+    for k, v in sd.items():
+        name = diffusers_to_ldm_name(k, num_levels)
+        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", name) and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[name] = v
+    return out
+
+
+def _ldm_to_diffusers_state_dict(sd, num_levels):
+    """Rename an LDM state dict to diffusers names; attention 1x1 conv weights become Linear [C, C]."""
+    out = {}
+    for k, v in sd.items():
+        name = ldm_to_diffusers_name(k, num_levels)
+        if re.search(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", name):
+            v = v[:, :, 0, 0]
+        out[name] = v
+    return out
+
+
+def _config_from_diffusers(cfg):
+    """Our KLVAE config from a diffusers AutoencoderKL config.json."""
+    unsupported = []
+    if cfg.get("act_fn", "silu") != "silu":
+        unsupported.append(f"act_fn={cfg['act_fn']!r}")
+    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+        if cfg.get(key, True) is False:
+            unsupported.append(f"{key}=False")
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != kind for t in cfg.get(key, [kind])):
+            unsupported.append(f"{key}={cfg[key]}")
+    if cfg.get("shift_factor") not in (None, 0, 0.0):
+        unsupported.append(f"shift_factor={cfg['shift_factor']}")
+    if unsupported:
+        raise NotImplementedError(f"diffusers autoencoder config not supported by KLVAE (SD-VAE layout): "
+                                  f"{', '.join(unsupported)}")
+    widths = list(cfg["block_out_channels"])
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
+    return dict(ch=widths[0], ch_mult=[w // widths[0] for w in widths], num_res_blocks=cfg.get("layers_per_block", 1),
+                attn_resolutions=[], z_channels=cfg.get("latent_channels", 4), embed_dim=cfg.get("latent_channels", 4),
+                in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3),
+                resolution=cfg.get("sample_size", 256), norm_num_groups=cfg.get("norm_num_groups", 32),
+                scaling_factor=cfg.get("scaling_factor", _SD_VAE["scaling_factor"]))
+
+
+def _infer_kl_config(sd, source):
+    """KLVAE config read off the tensor shapes of an LDM-named state dict (files without a config)."""
+    def shape(key):
+        if key not in sd:
+            raise KeyError(f"{source}: cannot infer the autoencoder architecture, tensor {key!r} is missing "
+                           f"(first keys: {sorted(sd)[:5]})")
+        return tuple(sd[key].shape)
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    num_res_blocks = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    resolution = 256  # not stored in weights; only places attention levels (attn_resolutions) below
+    config = dict(
+        ch=ch, in_channels=in_channels, num_res_blocks=num_res_blocks, resolution=resolution,
+        ch_mult=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels],
+        attn_resolutions=[resolution // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd],
+        z_channels=shape("decoder.conv_in.weight")[1], embed_dim=shape("post_quant_conv.weight")[1],
+        out_ch=shape("decoder.conv_out.weight")[0],
+    )
+    # LDM hard-codes GroupNorm(32); a file without a config cannot tell us anything else.
+    widths = [ch] + [ch * m for m in config["ch_mult"]]
+    if any(w % 32 for w in widths):
+        raise ValueError(f"{source}: channel widths {widths} are not multiples of 32, so the GroupNorm group count "
+                         f"cannot be inferred; load a checkpoint that carries its config (save_ldm / save_diffusers)")
+    return config
+
+
+class _PickleStub:
+    """Inert stand-in for a class a checkpoint pickled next to its weights (Lightning callbacks, argparse args)."""
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _torch_load(path):
+    """torch.load with weights_only=True, tolerating the Python objects that LDM's Lightning checkpoints pickle:
+    instead of unpickling arbitrary code (which would also need Lightning installed) each class the safe
+    unpickler refuses is allow-listed as an inert stub, and the load retried."""
+    stubs = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(stubs):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            m = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if m is None or len(stubs) >= 64 or any(name == m.group(1) for _, name in stubs):
+                raise ValueError(f"{path!r}: cannot read this checkpoint safely ({e})") from None
+            stubs.append((_PickleStub, m.group(1)))
+        except (RuntimeError, EOFError) as e:  # truncated zip, not a torch file at all
+            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({e})") from None
+
+
+def _read_checkpoint(path, ema=False):
+    """(state_dict, config or None, diffusers config or None) from any supported file or folder."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no autoencoder checkpoint at {path!r}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
+            path = os.path.join(path, "vae")  # a whole diffusers pipeline folder: use its vae/ subfolder
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path!r} is a folder without config.json (expected a diffusers AutoencoderKL "
+                                    f"folder: config.json + {' or '.join(_DIFFUSERS_WEIGHTS)})")
+        weights = [os.path.join(path, w) for w in _DIFFUSERS_WEIGHTS if os.path.isfile(os.path.join(path, w))]
+        if not weights:
+            raise FileNotFoundError(f"diffusers folder {path!r} has config.json but neither of {_DIFFUSERS_WEIGHTS}")
+        with open(config_path) as f:
+            diffusers_config = json.load(f)
+        return _read_checkpoint(weights[0])[0], None, diffusers_config
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+        return sd, json.loads(meta["config"]) if "config" in meta else None, None  # save_ldm stores its config here
+    if ext not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ValueError(f"unknown checkpoint format {ext!r} for {path!r}: expected a diffusers folder or a "
+                         f".safetensors, .ckpt, .pt, .pth or .bin file")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint dict")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+    if isinstance(ckpt.get("state_dict"), dict):  # LDM / taming Lightning checkpoint, or our save_ldm
+        return ckpt["state_dict"], config, None
+    if isinstance(ckpt.get("model"), dict):  # this project's checkpoints: {"model", "config" or "args", ...}
+        if ema and not isinstance(ckpt.get("ema"), dict):
+            raise KeyError(f"{path!r} has no 'ema' weights (keys: {sorted(ckpt)})")
+        return ckpt["ema" if ema else "model"], config, None
+    return ckpt, None, None  # a plain state dict
+
+
+def _strip_prefixes(sd):
+    """Drop wrappers' prefixes (DDP, torch.compile, SD's first_stage_model., vae.) and the LDM loss.* tensors."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    for prefix in ("first_stage_model.", "vae."):
+        # A whole Stable Diffusion checkpoint also holds the UNet and text encoder: keep only the autoencoder.
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    # LDM training checkpoints carry the discriminator and LPIPS under loss.*: not part of the autoencoder.
+    return {k: v for k, v in sd.items() if not k.startswith("loss.") and torch.is_tensor(v)}
+
+
+def _load_state_dict_checked(model, sd, source):
+    """load_state_dict(strict) with errors that name the first missing/unexpected keys and any shape mismatch."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise KeyError(f"{source}: state dict does not match the {type(model).__name__} built for it: "
+                       f"{len(missing)} missing keys (first: {missing[:5]}), "
+                       f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} in the checkpoint but "
+                             f"{tuple(v.shape)} in the model")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_autoencoder(path, ema=False):
+    """A KLVAE (or taming VQGAN) in eval mode from a diffusers folder, an LDM / diffusers / taming file, or this
+    project's checkpoint ({"model", "config" or "args", ...}; ema=True takes its "ema" weights instead)."""
+    sd, config, diffusers_config = _read_checkpoint(path, ema)
+    source = str(path)
+    sd = _strip_prefixes(sd)
+    if "quantize.embedding.weight" in sd:  # taming VQ-GAN (REFERENCE 5): built by the VQ-GAN section
+        if "load_vqgan_from_state_dict" not in globals():
+            raise NotImplementedError(f"{source} is a taming VQ-GAN checkpoint, but VQ-GAN loading "
+                                      f"(load_vqgan_from_state_dict) is not available in this build of models.py")
+        kwargs = {} if config is None else {"config": config}  # own-format VQ checkpoints carry their config
+        return globals()["load_vqgan_from_state_dict"](sd, source, **kwargs).eval()
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        sd = _diffusers_to_ldm_state_dict(sd)
+    # Some diffusers -> LDM conversions leave the attention 1x1 convs as 2-D [C, C] matrices.
+    sd = {k: v[:, :, None, None] if v.ndim == 2 and re.search(r"\.attn(_1|\.\d+)\.(q|k|v|proj_out)\.weight$", k)
+          else v for k, v in sd.items()}
+    if not any(k.startswith("encoder.") for k in sd):
+        raise ValueError(f"{source}: not an autoencoder checkpoint (no encoder.* tensors; first keys: {sorted(sd)[:5]})")
+    if diffusers_config is not None:
+        config = _config_from_diffusers(diffusers_config)  # scaling_factor as the folder says (eq-vae-ema: 0.0683)
+    elif config is None:
+        config = _infer_kl_config(sd, source)  # scaling_factor: SD-VAE's default (set SDXL's 0.13025 yourself)
+    vae = KLVAE(config)
+    _load_state_dict_checked(vae, sd, source)
+    return vae.eval()
+
+
+def _export_state_dict(vae):
+    """The model's tensors, detached, contiguous, on the CPU (safetensors refuses shared or strided storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in vae.state_dict().items()}
+
+
+def save_diffusers(vae, folder):
+    """Write `vae` as a diffusers AutoencoderKL folder: config.json + diffusion_pytorch_model.safetensors."""
+    from safetensors.torch import save_file
+    c = vae.config
+    if c["attn_resolutions"] or c["embed_dim"] != c["z_channels"]:
+        raise ValueError("diffusers' AutoencoderKL has no attention outside the mid block and one latent width "
+                         f"(attn_resolutions={c['attn_resolutions']}, embed_dim={c['embed_dim']}, z={c['z_channels']})")
+    L = len(c["ch_mult"])
+    config = {
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0",
+        "in_channels": c["in_channels"], "out_channels": c["out_ch"],
+        "down_block_types": ["DownEncoderBlock2D"] * L, "up_block_types": ["UpDecoderBlock2D"] * L,
+        "block_out_channels": [c["ch"] * m for m in c["ch_mult"]], "layers_per_block": c["num_res_blocks"],
+        "act_fn": "silu", "latent_channels": c["z_channels"], "norm_num_groups": c["norm_num_groups"],
+        "sample_size": c["resolution"], "scaling_factor": float(vae.scaling_factor),
+    }
+    os.makedirs(folder, exist_ok=True)
+    save_file(_ldm_to_diffusers_state_dict(_export_state_dict(vae), L),
+              os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def save_ldm(vae, path):
+    """Write `vae` in LDM format: {"state_dict": LDM names} (.ckpt/.pt/.pth) or a flat .safetensors file; our
+    config rides along ("config" key / safetensors metadata) and is ignored by LDM's own loader."""
+    config = dict(vae.config, scaling_factor=float(vae.scaling_factor))
+    sd = _export_state_dict(vae)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, path, metadata={"format": "pt", "config": json.dumps(config)})
+    else:
+        torch.save({"state_dict": sd, "config": config}, path)
+
+
+#################################################################################
+#                        LPIPS (VGG16, lin layers v0.1)                         #
+#################################################################################
+
+_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+_LPIPS_VGG_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+
+
+class NetLinLayer(nn.Module):
+    """LPIPS's per-layer weighting: dropout then a 1x1 conv to one channel, no bias (keys lin{k}.model.1.weight)."""
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance (Zhang et al. 2018), VGG16 variant v0.1; frozen, built in eval mode."""
+    # Note: the lin layers' Dropout is identity in eval mode. LDM keeps LPIPS inside its Lightning module, whose
+    # .train() switches that dropout on during autoencoder training; call .train() to reproduce that, .eval() not to.
+    chns = (64, 128, 256, 512, 512)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def __init__(self, vgg_weights=None, lin_weights=None, pretrained=True):
+        super().__init__()
+        # Scaling layer: maps [-1, 1] inputs to ImageNet-normalised ones (REFERENCE 6).
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        # torchvision's vgg16().features[:30], same indices, so features.{i}.* load from vgg16-397923af.pth.
+        layers, c_in = [], 3
+        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU()]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        self.slice_ends = (4, 9, 16, 23, 30)  # after features[3]=relu1_2, [8], [15], [22], [29]=relu5_3
+        self.lins = nn.ModuleDict({f"lin{k}": NetLinLayer(c) for k, c in enumerate(self.chns)})  # the file's names
+        if pretrained:
+            self._load_pretrained(vgg_weights, lin_weights)
+        else:
+            # Random weights for tests: torchvision's VGG init; lin weights >= 0 like the trained ones (LPIPS
+            # clamps them during training), so distances stay non-negative.
+            for m in self.features:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+            for lin, c in zip(self.lins.values(), self.chns):
+                nn.init.uniform_(lin.model[1].weight, 0.0, 2.0 / c)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _load_pretrained(self, vgg_weights, lin_weights):
+        """Load torchvision's VGG16 features and LPIPS v0.1 lin weights (paths, or torch hub's cache)."""
+        vgg = torch.load(find_weights("vgg16-397923af.pth", _VGG16_URL, vgg_weights), map_location="cpu",
+                         weights_only=True)
+        vgg = {k[len("features."):]: v for k, v in vgg.items()
+               if k.startswith("features.") and int(k.split(".")[1]) < len(self.features)}
+        _load_state_dict_checked(self.features, vgg, "VGG16 weights")
+        lin = torch.load(find_weights("vgg.pth", _LPIPS_VGG_URL, lin_weights), map_location="cpu", weights_only=True)
+        _load_state_dict_checked(self.lins, lin, "LPIPS lin weights")  # keys lin{k}.model.1.weight
+
+    def forward(self, x, y):
+        """x, y: (N, 3, H, W) in [-1, 1] -> (N,) distances."""
+        h_x, h_y = (x - self.shift) / self.scale, (y - self.shift) / self.scale
+        dist, start = 0.0, 0
+        for k, end in enumerate(self.slice_ends):
+            h_x, h_y = self.features[start:end](h_x), self.features[start:end](h_y)
+            start = end
+            # Unit-normalise each position's feature vector over channels (eps 1e-10 as in LPIPS).
+            n_x = h_x / (h_x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            n_y = h_y / (h_y.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            dist = dist + self.lins[f"lin{k}"]((n_x - n_y).pow(2)).mean(dim=[1, 2, 3])  # weighted, spatial mean: (N,)
+        return dist
+
+
+#################################################################################
+#                     PatchGAN Discriminator (taming / pix2pix)                 #
+#################################################################################
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN: a grid of real/fake logits, one per overlapping 70x70 patch for n_layers=3 (taming's names)."""
+    def __init__(self, input_nc=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(input_nc, ndf, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        nf_mult = 1
+        for n in range(1, n_layers + 1):
+            nf_prev, nf_mult = nf_mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # 64->128, 128->256 stride 2; 256->512 stride 1 (REFERENCE 1)
+            # No conv bias before BatchNorm: BN's shift makes it redundant (and taming's files have none).
+            layers += [nn.Conv2d(ndf * nf_prev, ndf * nf_mult, kernel_size=4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * nf_mult, 1, kernel_size=4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x):
+        """x: (N, input_nc, H, W) -> logits (N, 1, H', W'); 256 px -> 30 x 30."""
+        return self.main(x)
+
+
+def weights_init(m):
+    """taming's init (apply with module.apply): conv N(0, 0.02); BatchNorm weight N(1, 0.02), bias 0."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (REFERENCE 1)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 #################################################################################
