@@ -1,0 +1,430 @@
+"""
+Train MaskGIT (stage 2) on the tokens of a frozen VQ-GAN, as the EQ-VAE paper does for its VQ-GAN results (gFID 6.80
+after 300 epochs on the original VQ-GAN's tokens; 6.80 after 130 and 5.91 after 300 on EQ-VAE's). The recipe is that of
+the PyTorch reproduction the paper uses, valeoai/Maskgit-pytorch v1 (REFERENCE 10).
+
+    torchrun --nproc_per_node=8 train_maskgit.py --data /imagenet/train --vqgan pretrained_maskgit/VQGAN/last.ckpt
+    python train_maskgit.py --preset tiny                  # 64 px synthetic data, tiny VQ-GAN and transformer, CPU
+
+Default arguments are the reference's: arccos masking, cross-entropy with label smoothing 0.1 over all tokens, AdamW
+(0.9, 0.96) with weight decay 1e-5, lr 1e-4 with 2,500 warmup steps, gradient clip 1.0, label drop 0.1 for
+classifier-free guidance, mixed precision, batch 256, 300 epochs. Tokens are computed once (image and mirror image)
+and cached on disk, so the VQ-GAN never runs inside the training loop.
+"""
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import models
+import train_utils as tu
+
+
+#################################################################################
+#                                  Token Cache                                  #
+#################################################################################
+# The reference tokenises every batch with the VQ-GAN inside its loop. The VQ-GAN is frozen, so its tokens for an
+# image never change: we tokenise the dataset once, image and horizontal mirror, and each read picks one of the two
+# at random (DiT's random flip). One difference: a cache holds one crop per image, the ADM center crop, where the
+# reference draws Resize(256) + RandomCrop(256) each epoch (on ImageNet a mild augmentation: the short side is
+# already resized to 256). Layout of a cache folder (as data.py's latent cache):
+#   meta.json              VQ-GAN fingerprint, resolution, dataset, token grid, codebook size, shard size
+#   labels_00000.npy       (n,) int64 class labels of images [k * shard_size, (k + 1) * shard_size)
+#   shard_00000.npy        (n, 2, h, w) token indices (uint16, int32 beyond 65,536 codes): [no flip, flip]
+# Rank r encodes shards k with k % world_size == r; each file is written under a temporary name and renamed (the
+# shard last, so a shard file marks a finished shard), so an interrupted run resumes where it stopped.
+
+TOKEN_CACHE_FORMAT = 1
+
+
+def _save_npy(path, array):
+    """np.save to a temporary name, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def check_token_cache_meta(cache_dir, found, expected):
+    """A cache made by another VQ-GAN, resolution or dataset is an error that names what differs."""
+    keys = ["format", "vqgan_sha256", "resolution", "data", "num_images", "grid", "codebook_size", "shard_size"]
+    diff = [f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in keys if found.get(k) != expected[k]]
+    if diff:
+        raise ValueError(f"token cache {cache_dir} was built with different settings (cache VQ-GAN "
+                         f"{found.get('vqgan')!r}, now {expected['vqgan']!r}):\n  " + "\n  ".join(diff)
+                         + "\nUse another --cache folder, or delete this one to rebuild it.")
+
+
+@torch.no_grad()
+def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_name="", rank=0, world_size=1,
+                      batch_size=64, shard_size=1000, device="cpu", log=print):
+    """
+    Tokenise `dataset` (deterministic items (image (3, R, R) in [-1, 1], label)) and its mirror image into cache_dir:
+    this rank's unfinished shards only. Every rank must call it (it synchronises). Returns the cache's meta dict.
+    """
+    device = torch.device(device)
+    grid = list(vq.encode_indices(dataset[0][0][None].to(device)).shape[1:])  # (h, w) for this resolution
+    codebook_size = int(vq.quantize.embedding.weight.shape[0])
+    expected = {"format": TOKEN_CACHE_FORMAT, "vqgan": str(vqgan_name), "vqgan_sha256": data.vae_fingerprint(vq),
+                "resolution": int(resolution), "data": str(data_name), "num_images": len(dataset), "grid": grid,
+                "codebook_size": codebook_size, "shard_size": int(shard_size),
+                "num_classes": len(getattr(dataset, "classes", [])) or None}
+    meta_path = os.path.join(cache_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            check_token_cache_meta(cache_dir, json.load(f), expected)
+    tu.barrier()  # everyone has checked the old meta before rank 0 may write a new one
+    if rank == 0 and not os.path.exists(meta_path):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{meta_path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(expected, f, indent=2)
+        os.replace(tmp, meta_path)
+    tu.barrier()
+
+    n = len(dataset)
+    num_shards = -(-n // shard_size)
+    dtype = np.uint16 if codebook_size <= 2 ** 16 else np.int32
+    mine = [k for k in range(num_shards) if k % world_size == rank]
+    todo = [k for k in mine if not os.path.exists(os.path.join(cache_dir, f"shard_{k:05d}.npy"))]
+    if rank == 0:
+        log(f"Token cache {cache_dir}: {num_shards} shard(s) of {shard_size} images, {len(mine) - len(todo)} of "
+            f"rank 0's {len(mine)} already done")
+    for k in tqdm(todo, desc="tokenising", disable=rank != 0 or not todo, dynamic_ncols=True):
+        indices = range(k * shard_size, min((k + 1) * shard_size, n))
+        tokens, labels = [], []
+        for start in range(0, len(indices), batch_size):
+            items = [dataset[i] for i in indices[start:start + batch_size]]
+            x = torch.stack([im for im, _ in items]).to(device)                   # (B, 3, R, R)
+            labels += [int(lab) for _, lab in items]
+            pair = [vq.encode_indices(xi) for xi in (x, x.flip(-1))]              # 2 x (B, h, w), fp32 tokeniser
+            tokens.append(torch.stack(pair, dim=1).cpu())                         # (B, 2, h, w)
+        _save_npy(os.path.join(cache_dir, f"labels_{k:05d}.npy"), np.asarray(labels, dtype=np.int64))
+        _save_npy(os.path.join(cache_dir, f"shard_{k:05d}.npy"), torch.cat(tokens).numpy().astype(dtype))
+    tu.barrier()
+    return expected
+
+
+class TokenCache(torch.utils.data.Dataset):
+    """
+    A finished token cache as a dataset: item = (tokens (h, w) long, label). A random flip (p = 0.5) picks the
+    mirror image's tokens; it draws from the global torch RNG, which ResumableLoader seeds per sample and epoch.
+    """
+
+    def __init__(self, cache_dir, flip=True):
+        meta_path = os.path.join(cache_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{cache_dir} is not a token cache (no meta.json)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.cache_dir, self.flip = cache_dir, flip
+        self.shard_size = self.meta["shard_size"]
+        num_shards = -(-self.meta["num_images"] // self.shard_size)
+        missing = [k for k in range(num_shards) if not os.path.exists(self._path("shard", k))]
+        if missing:
+            raise FileNotFoundError(f"token cache {cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
+                                    f"missing (first: {missing[:3]}); rerun the same command to finish it")
+        self.labels = np.concatenate([np.load(self._path("labels", k)) for k in range(num_shards)])
+        self._shards = {}  # memory maps, opened lazily (and per loader worker)
+
+    def _path(self, kind, k):
+        return os.path.join(self.cache_dir, f"{kind}_{k:05d}.npy")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        k, j = divmod(index, self.shard_size)
+        if k not in self._shards:
+            self._shards[k] = np.load(self._path("shard", k), mmap_mode="r")
+        side = int(torch.rand(()) < 0.5) if self.flip else 0
+        tokens = torch.from_numpy(self._shards[k][j, side].astype(np.int64))  # (h, w)
+        return tokens, int(self.labels[index])
+
+
+#################################################################################
+#                             Training Helper Functions                         #
+#################################################################################
+
+def setup_tokenizer(args, exp_dir, device, logger, is_main):
+    """The frozen tokeniser: --vqgan PATH (anything models.load_autoencoder reads), or for --preset tiny without
+    a path a random-weight tiny VQ-GAN, saved next to the run so sample.py can decode with the same one."""
+    if args.vqgan is not None:
+        vq = models.load_autoencoder(args.vqgan)
+        if not isinstance(vq, models.VQGAN):
+            raise SystemExit(f"--vqgan {args.vqgan} holds a KL autoencoder; MaskGIT needs a VQ-GAN's discrete tokens "
+                             f"(train latent models with train_dit.py / train_sit.py)")
+        name = os.path.abspath(args.vqgan)
+    elif args.preset == "tiny":
+        torch.manual_seed(args.global_seed)  # same random weights on every rank
+        vq = models.VQGAN("tiny").eval()
+        name = os.path.abspath(os.path.join(exp_dir, "vqgan_tiny_random.ckpt"))
+        if is_main:
+            models.save_taming(vq, name)
+        logger.info(f"No --vqgan given: using a RANDOM-WEIGHT tiny VQ-GAN (a pipeline check, not a real tokeniser), "
+                    f"saved to {name}")
+    else:
+        raise SystemExit("--vqgan is required: a VQ-GAN checkpoint (taming / MaskGIT-pytorch last.ckpt, or one from "
+                         "finetune_eqvae.py --model vq); or use --preset tiny")
+    tu.requires_grad(vq, False)
+    return vq.to(device), name
+
+
+def maskgit_loss(logits, code, label_smoothing=0.1):
+    """
+    Cross-entropy over *all* tokens, masked or not, with label smoothing over the K + 1 outputs: the reference's
+    criterion on pred.reshape(-1, K + 1) (visible tokens are learnt as a copy task, [MASK] is a wrong class).
+    logits: (B, N, K + 1), code: (B, h, w) long with h * w = N -> scalar.
+    """
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), code.reshape(-1),
+                           label_smoothing=label_smoothing)
+
+
+def lr_at(step, args):
+    """Linear warmup from 0 to --lr over --warmup steps, then constant (the reference's adapt_learning_rate)."""
+    return args.lr * min(1.0, step / args.warmup) if args.warmup > 0 else args.lr
+
+
+#################################################################################
+#                                 Training Loop                                 #
+#################################################################################
+
+RESUME_KEYS = ["model", "resolution", "global_batch_size", "mask_schedule", "vqgan"]
+
+
+def main(args):
+    """Train a MaskGIT transformer on cached VQ-GAN tokens."""
+    # Setup DDP:
+    dist = tu.setup_distributed()
+    rank, world, device = dist.rank, dist.world_size, dist.device
+    if args.global_batch_size % world != 0:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
+    batch = args.global_batch_size // world
+    precision = tu.resolve_precision(args.precision, device)
+
+    # Setup an experiment folder:
+    exp_dir = tu.experiment_dir(args.results_dir, args.exp_name or args.model)
+    ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    resume_path = tu.resolve_resume(args.resume, ckpt_dir)
+    if resume_path is None and tu.list_checkpoints(ckpt_dir):
+        raise SystemExit(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
+                         f"another --exp-name / --results-dir (nothing was overwritten).")
+    logger = tu.create_logger(exp_dir)
+    metrics = tu.MetricsLog(os.path.join(exp_dir, "metrics.jsonl"))
+    logger.info(f"Experiment directory: {exp_dir} ({world} process(es), {device}, {precision})")
+
+    # Tokenise the dataset once (image + mirror), or reuse the cache:
+    vq, vq_name = setup_tokenizer(args, exp_dir, device, logger, dist.is_main)
+    dataset = data.build_dataset(args.data, args.resolution, "center", num_images=args.num_images)
+    cache_dir = args.cache or os.path.join(
+        args.results_dir, "token-cache", f"{os.path.basename(os.path.normpath(args.data))}-{args.resolution}px-"
+                                         f"{data.vae_fingerprint(vq)[:12]}")
+    meta = build_token_cache(vq, dataset, cache_dir, args.resolution, vqgan_name=vq_name, data_name=args.data,
+                             rank=rank, world_size=world, batch_size=args.cache_batch_size,
+                             shard_size=args.cache_shard_size, device=device, log=logger.info)
+    del vq  # the VQ-GAN is not needed any more: training reads tokens only
+    tokens_ds = TokenCache(cache_dir, flip=True)
+    num_classes = meta["num_classes"] or int(tokens_ds.labels.max()) + 1
+    loader = tu.ResumableLoader(tokens_ds, batch_size=batch, seed=args.global_seed, num_workers=args.num_workers,
+                                pin_memory=device.type == "cuda")
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * len(loader)
+    h, w = meta["grid"]
+    if h != w:
+        raise SystemExit(f"MaskTransformer needs a square token grid, the VQ-GAN gives {h}x{w}")
+    logger.info(f"Tokens: {len(tokens_ds):,} images -> {h}x{w} tokens of {meta['codebook_size']} codes, "
+                f"{num_classes} classes; global batch {args.global_batch_size} ({batch} per process); "
+                f"{len(loader):,} steps/epoch, {max_steps:,} steps")
+
+    # Create model (seeded identically on every rank):
+    torch.manual_seed(args.global_seed)
+    model = models.build_maskgit(args.model, input_size=h, codebook_size=meta["codebook_size"],
+                                 num_classes=num_classes).to(device)
+    ema = copy.deepcopy(model).eval()  # EMA of the weights (our addition, as DiT's; the reference keeps none)
+    tu.requires_grad(ema, False)
+    logger.info(f"MaskGIT parameters: {tu.count_params(model):,} ({model.config})")
+
+    # Setup optimizer (the reference: AdamW, betas (0.9, 0.96), weight decay 1e-5 on every parameter):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.96), weight_decay=args.weight_decay)
+    scaler = tu.make_scaler(precision, device)
+
+    # Resume (model, EMA, optimiser, scaler, step, data position, every rank's RNG):
+    step = 0
+    if resume_path is not None:
+        ckpt = tu.load_checkpoint(resume_path, required=("model", "ema", "opt", "step", "config"))
+        if ckpt["config"] != model.config:
+            raise SystemExit(f"Cannot resume from {resume_path}: it holds a {ckpt['config']} model, "
+                             f"this run builds {model.config}")
+        tu.check_resume_args(ckpt["args"], args, RESUME_KEYS)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+        step = ckpt["step"]
+        metrics.truncate_after(step)
+        logger.info(f"Resumed from {resume_path} at step {step}")
+
+    # Prepare models for training:
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    model.train()
+
+    # Per-rank seeds for the loop (DiT's convention), then every rank's saved RNG states on resume:
+    tu.seed_everything(args.global_seed, rank, world)
+    if resume_path is not None:
+        tu.restore_rng_states(ckpt.get("rng"), logger)
+        del ckpt
+
+    def save(step_):
+        """Checkpoint everything exact resume needs (collective: every rank's RNG is gathered)."""
+        rng = tu.rng_states()
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step_, "loader": loader.state_dict(), "rng": rng,
+                 "config": model.config, "vqgan": vq_name, "args": vars(args)}
+        path = os.path.join(ckpt_dir, f"{step_:07d}.pt")
+        tu.save_checkpoint(state, path)
+        tu.prune_checkpoints(ckpt_dir, args.keep_last)
+        tu.barrier()
+        logger.info(f"Saved checkpoint to {path}")
+
+    mask_id = model.mask_token_id
+    names = ["loss", "acc_masked", "mask_rate", "grad_norm", "lr"]
+    running = torch.zeros(len(names), device=device)
+    log_steps, start_time = 0, time.time()
+    last_saved = step if resume_path is not None else None
+    logger.info(f"Training for {max_steps:,} steps...")
+    pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    while step < max_steps:
+        code, y = next(loader)
+        code, y = code.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, h, w), (B,)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+
+        # Drop 10% of the labels (-> null class) so one network learns both halves of classifier-free guidance:
+        drop_label = torch.rand(code.shape[0], device=device) < args.drop_label
+        # Mask each token with probability gamma(r), r ~ U(0, 1) per image (arccos schedule by default):
+        masked_code, mask = models.maskgit_random_mask(code, mask_id, args.mask_schedule)
+        with tu.autocast(precision, device):
+            logits = ddp_model(masked_code, y, drop_label)  # (B, N, K + 1)
+        # Predict the original tokens everywhere (not only under the mask), with label smoothing 0.1:
+        loss = maskgit_loss(logits, code, args.label_smoothing)
+        tu.check_finite(step + 1, loss=loss)
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        tu.update_ema(ema, model, args.ema_decay)
+        step += 1
+        pbar.update(1)
+
+        with torch.no_grad():
+            pred = logits.detach().argmax(-1).view_as(code)
+            acc = (pred == code)[mask].float().mean() if mask.any() else torch.ones((), device=device)
+            running += torch.stack([loss.detach(), acc, mask.float().mean(), grad_norm.float(),
+                                    torch.tensor(lr_at(step - 1, args), device=device)])
+        log_steps += 1
+
+        # Log loss values (averaged over steps and processes):
+        if step % args.log_every == 0 or step == max_steps:
+            avg = tu.all_reduce_mean(running / log_steps)
+            elapsed = time.time() - start_time
+            row = {n: round(v, 6) for n, v in zip(names, avg.tolist())}
+            row.update(steps_per_sec=round(log_steps / elapsed, 4),
+                       img_per_sec=round(log_steps * args.global_batch_size / elapsed, 2))
+            metrics.write(step, **row)
+            pbar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc_masked']:.3f}")
+            logger.info(f"(step={step:07d}) loss {row['loss']:.4f}, masked-token accuracy {row['acc_masked']:.4f}, "
+                        f"lr {row['lr']:.3g}, {row['steps_per_sec']:.2f} steps/s")
+            running.zero_()
+            log_steps, start_time = 0, time.time()
+
+        # Save checkpoint:
+        if step % args.ckpt_every == 0 or step == max_steps:
+            save(step)
+            last_saved = step
+    pbar.close()
+    if last_saved != step:
+        save(step)
+    logger.info("Done!")
+    tu.cleanup_distributed()
+    return exp_dir
+
+
+#################################################################################
+#                                   Arguments                                   #
+#################################################################################
+
+PRESETS = {
+    # CPU-sized: a random tiny VQ-GAN (8 x 8 tokens of 256 codes at 64 px) unless --vqgan is given, the tiny
+    # transformer, 1,024 synthetic images; lr 1e-3 with a short warmup so a few hundred steps show learning.
+    "tiny": dict(data="synthetic", resolution=64, model="maskgit-tiny", global_batch_size=16, lr=1e-3, warmup=20,
+                 max_steps=300, num_images=1024, log_every=20, ckpt_every=100, num_workers=0, ema_decay=0.999,
+                 cache_shard_size=256, cache_batch_size=32),
+}
+
+
+def get_parser():
+    # Default args here train MaskGIT with the hyperparameters of Maskgit-pytorch v1 (main.py / Trainer/vit.py).
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="change the defaults you did not pass")
+    p.add_argument("--data", type=str, default=None, help="image folder (ImageNet train) or 'synthetic'")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--num-images", type=int, default=None, help="use only the first N images")
+    p.add_argument("--vqgan", type=str, default=None, help="frozen VQ-GAN (taming / MaskGIT-pytorch last.ckpt, or "
+                   "finetune_eqvae.py's vqgan.ckpt)")
+    p.add_argument("--cache", type=str, default=None, help="token cache folder (default: under --results-dir, "
+                   "named after the data, resolution and VQ-GAN)")
+    p.add_argument("--cache-batch-size", type=int, default=64, help="images per VQ-GAN forward while tokenising")
+    p.add_argument("--cache-shard-size", type=int, default=1000, help="images per cache shard file")
+    p.add_argument("--model", choices=list(models.MaskGIT_models), default="maskgit-256")
+    p.add_argument("--results-dir", type=str, default="results")
+    p.add_argument("--exp-name", type=str, default=None, help="run folder under --results-dir (default: --model)")
+    p.add_argument("--mask-schedule", choices=["arccos", "cosine", "linear", "square"], default="arccos")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-label", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    p.add_argument("--global-batch-size", type=int, default=256, help="the paper's run; the README's is 512")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=2500, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default bf16 on CUDA, fp32 on CPU (the reference: fp16 autocast + GradScaler)")
+    p.add_argument("--global-seed", type=int, default=42, help="42: the reference's main.py seed")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=10_000)
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 = all)")
+    p.add_argument("--resume", type=str, default=None, help="'auto' (newest in the run folder) or a checkpoint path")
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_parser()
+    args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS)
+    if args.data is None:
+        parser.error("--data is required (an image folder, or 'synthetic'); or use --preset tiny")
+    if args.global_batch_size < 1 or args.warmup < 0:
+        parser.error("--global-batch-size must be positive and --warmup non-negative")
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except tu.NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}")
