@@ -320,12 +320,20 @@ def test_vq_checkpoints_go_to_the_vq_loader(micro, tmp_path, monkeypatch):
     def fake_loader(state_dict, source, **kwargs):
         seen["keys"], seen["source"] = set(state_dict), source
         return torch.nn.Identity()
-    monkeypatch.setattr(models, "load_vqgan_from_state_dict", fake_loader, raising=False)
+    monkeypatch.setattr(models, "load_vqgan_from_state_dict", fake_loader)
     models.load_autoencoder(str(tmp_path / "vq.ckpt"))
     assert "quantize.embedding.weight" in seen["keys"] and seen["source"].endswith("vq.ckpt")
-    monkeypatch.delattr(models, "load_vqgan_from_state_dict")
-    with pytest.raises(NotImplementedError, match="VQ-GAN"):
-        models.load_autoencoder(str(tmp_path / "vq.ckpt"))
+
+
+def test_maskgit_style_vqgan_folder_loads(tmp_path):
+    """MaskGIT-pytorch ships its tokenizer as a folder with ckpts/last.ckpt and no config.json."""
+    vq = models.VQGAN(models.vq_configs["tiny"]).eval()
+    os.makedirs(tmp_path / "vqgan" / "ckpts")
+    models.save_taming(vq, str(tmp_path / "vqgan" / "ckpts" / "last.ckpt"))
+    loaded = models.load_autoencoder(str(tmp_path / "vqgan"))
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], vq(x)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
