@@ -1,0 +1,1150 @@
+"""
+Stage 4: every number the EQ-VAE paper reports, from one script.
+
+    python evaluate.py fid SAMPLES REFERENCE           # FID, sFID, Inception Score, precision, recall (ADM evaluator)
+    python evaluate.py stats IMAGES --out ref.npz       # reference statistics in the ADM .npz layout
+    python evaluate.py recon --vae PATH --data D        # rFID, PSNR, SSIM, LPIPS (LightningDiT / EQ-VAE protocol)
+    python evaluate.py equivariance --vae PATH --data D # equivariance error Delta (App. C.3)
+    python evaluate.py id LATENTS.npy                   # intrinsic dimension: TwoNN (Table 5) and Levina-Bickel MLE
+    python evaluate.py latents --vae PATH --data D --out DIR   # PCA-as-RGB pictures (Fig. 1), power spectrum
+
+Each run prints one JSON object on stdout and a readable table on stderr. Feature extraction runs on every rank
+under `torchrun` (each rank takes a contiguous shard, rank 0 gathers and computes the metric) and as plain python.
+The FID Inception network lives in this file and loads pytorch-fid's pt_inception-2015-12-05 weights unchanged.
+
+Definitions (REFERENCE section 2): FID/sFID/IS/precision/recall as openai/guided-diffusion's evaluations/evaluator.py
+(IS from softmax(pool_3 @ W) without the bias, splits of 5000; P/R with k = 3 on squared distances), features as
+pytorch-fid (same numbers to float precision given the same weights). Reconstruction as LightningDiT's / EQ-VAE's
+eval.py: latent = posterior sample, PSNR per image on uint8 (peak 255) then averaged, SSIM on uint8 (Gaussian 11 /
+1.5, per channel then averaged), LPIPS (VGG) on the decoder output, rFID between the uint8 inputs and reconstructions.
+Equivariance error: App. C.3 with E = posterior mean, image and latent resized bilinearly as the official code.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import models
+import train_utils
+
+
+#################################################################################
+#                  FID Inception network (pytorch-fid, TF 2015-12-05)            #
+#################################################################################
+# pytorch-fid's port of the TensorFlow Inception graph that FID, sFID and IS were defined on: torchvision's
+# Inception3 layout with 1008 classes, where the pool branches of Mixed_5b-5d, 6b-6e and 7b average without the
+# zero padding (TensorFlow's avg_pool) and Mixed_7c's pool branch is a max pool (an oddity of that graph).
+# Parameter names equal pytorch-fid's so pt_inception-2015-12-05-6726825d.pth loads as is.
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
+
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, TensorFlow's) -> ReLU."""
+    def __init__(self, in_channels, out_channels, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _tf_avg_pool(x):
+    # TensorFlow's 3x3 average pool ignores the padded zeros (pytorch-fid's FID patch).
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b/5c/5d (35 x 35): 1x1, 5x5, double 3x3 and pool branches."""
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a: grid reduction 35 -> 17."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b-6e (17 x 17): factorised 7x7 branches. forward returns (output, branch1x1 output)."""
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            bd = layer(bd)
+        # b1 is also returned: Mixed_6d's 1x1 branch is TF's "mixed_6/conv", the sFID features.
+        return torch.cat([b1, b7, bd, self.branch_pool(_tf_avg_pool(x))], 1), b1
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a: grid reduction 17 -> 8."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/7c (8 x 8): expanded filter bank; pool branch average (7b) or max (7c, as the TF graph)."""
+    def __init__(self, in_channels, pool="avg"):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        pooled = _tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """The FID Inception network: uint8-range images -> pool3 (2048), sFID spatial (2023) and IS logits (1008)."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)
+        # Random weights only matter for tests (real use loads the TF weights): He init keeps activations O(1)
+        # through the 94 conv layers, so random-weight features are not vanishingly small.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images):
+        """
+        images: (N, 3, H, W) tensor of pixel values in [0, 255] (uint8 or float), any size.
+        Returns pool (N, 2048), spatial (N, 2023) and logits (N, 1008), float32.
+        """
+        # pytorch-fid's preprocessing: [0, 1] -> bilinear resize to 299 (align_corners=False, no antialias) -> [-1, 1].
+        x = images.float() / 255.0
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                       # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                       # (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                 # (N, 288, 35, 35)
+        x = self.Mixed_6a(x)                                               # (N, 768, 17, 17)
+        x, _ = self.Mixed_6b(x)
+        x, _ = self.Mixed_6c(x)
+        x, mixed_6_conv = self.Mixed_6d(x)                                 # (N, 192, 17, 17)
+        x, _ = self.Mixed_6e(x)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                 # (N, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))                                          # (N, 2048): TF's pool_3
+        # sFID (ADM evaluator): the first 7 channels of mixed_6/conv, flattened in TF's NHWC order (H, W, C).
+        spatial = mixed_6_conv[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1)   # (N, 17 * 17 * 7)
+        # IS (ADM evaluator): softmax(pool_3 @ W) with the weight of TF's softmax/logits/MatMul and no bias.
+        logits = pool @ self.fc.weight.t()                                 # (N, 1008)
+        return pool, spatial, logits
+
+
+def load_inception(path=None):
+    """The FID Inception with pytorch-fid's weights: `path`, or torch hub's cache (downloaded there if online)."""
+    path = models.find_weights(FID_WEIGHTS_FILE, FID_WEIGHTS_URL, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = FIDInceptionV3()
+    load_state_dict_strict(model, state, what=f"FID Inception weights {path}")
+    return model
+
+
+def load_state_dict_strict(model, state, what):
+    """load_state_dict that names the first missing/unexpected keys and mismatched shapes; the released file has no
+    BatchNorm num_batches_tracked buffers, which are filled with zeros."""
+    own = model.state_dict()
+    state = dict(state)
+    for k in own:
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros_like(own[k])
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise KeyError(f"{what}: {len(missing)} missing keys (first: {missing[:5]}), "
+                       f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{what}: tensor {k} has shape {tuple(state[k].shape)}, "
+                             f"the model expects {tuple(v.shape)}")
+    model.load_state_dict(state)
+
+
+#################################################################################
+#                      Image sets: ADM .npz files and image folders               #
+#################################################################################
+# An image set is anything with len() and read(start, end) -> uint8 (n, H, W, 3). ADM .npz files (arr_0, uint8
+# NHWC) are streamed from the zip member rather than loaded whole: 50K images at 512 px are 39 GB.
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class NpzImages:
+    """The arr_0 array of an ADM .npz, read in slices."""
+    def __init__(self, path):
+        self.path = path
+        with zipfile.ZipFile(path) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                raise KeyError(f"{path} holds no images: no arr_0 (keys: {[n[:-4] for n in zf.namelist()]})")
+            with zf.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"arr_0 in {path}: unsupported .npy format version {version}")
+                self.offset = f.tell()
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"arr_0 in {path} has shape {shape}; "
+                             "expected (N, H, W, 3) uint8 images (ADM layout, NHWC)")
+        if dtype != np.uint8:
+            raise ValueError(f"arr_0 in {path} has dtype {dtype}; expected uint8 in [0, 255] (ADM layout). "
+                             "Convert with np.clip(127.5 * x + 128, 0, 255).astype(np.uint8) for images in [-1, 1].")
+        if fortran:
+            raise ValueError(f"arr_0 in {path} is stored in Fortran order; save it C-contiguous")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.image_size = self.shape[1:3]
+        self._file, self._pos = None, None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, start, end):
+        item = int(np.prod(self.shape[1:]))
+        if self._file is None or self._pos > start:      # (re)open: zip members only seek forward cheaply
+            self.close()
+            self._zip = zipfile.ZipFile(self.path)
+            self._file = self._zip.open("arr_0.npy")
+            self._file.seek(self.offset)
+            self._pos = 0
+        if self._pos < start:
+            self._file.seek(self.offset + start * item)
+        buf = self._file.read((end - start) * item)
+        self._pos = end
+        return np.frombuffer(buf, dtype=np.uint8).reshape(end - start, *self.shape[1:])
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._zip.close()
+            self._file = None
+
+
+class FolderImages:
+    """Every image under a folder (recursive, sorted paths), all of one size, as uint8 RGB."""
+    def __init__(self, root):
+        self.path = root
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        with Image.open(self.files[0]) as im:
+            self.size = im.size
+        self.image_size = self.size[::-1]
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, start, end):
+        out = []
+        for f in self.files[start:end]:
+            with Image.open(f) as im:
+                if im.size != self.size:
+                    raise ValueError(f"images in {self.path} differ in size: {self.files[0]} is {self.size}, "
+                                     f"{f} is {im.size}; center-crop them to one size first")
+                out.append(np.asarray(im.convert("RGB")))
+        return np.stack(out)
+
+
+class ArrayImages:
+    """An in-memory uint8 (N, H, W, 3) array as an image set."""
+    def __init__(self, array, path="<array>"):
+        self.array, self.path = array, path
+        self.image_size = tuple(array.shape[1:3])
+
+    def __len__(self):
+        return len(self.array)
+
+    def read(self, start, end):
+        return self.array[start:end]
+
+
+def open_images(path):
+    """An image set from an ADM .npz (arr_0) or a folder of images."""
+    if os.path.isdir(path):
+        return FolderImages(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file or folder (expected an ADM .npz or a folder of images)")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: expected an ADM .npz (arr_0 uint8 NHWC) or a folder of images")
+    return NpzImages(path)
+
+
+def save_npz(path, images, **extra):
+    """Write images (uint8, N x H x W x 3) as an ADM .npz (key arr_0), plus any extra arrays."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"ADM .npz images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
+    np.savez(path, arr_0=images, **extra)
+
+
+def to_uint8(x):
+    """(N, 3, H, W) images in [-1, 1] -> uint8 (N, 3, H, W): clamp(127.5 x + 128), the DiT/ADM convention."""
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+
+
+#################################################################################
+#                  Feature extraction (sharded over ranks, cached)               #
+#################################################################################
+
+def shard(n, dist):
+    """The contiguous range [start, end) of n items that this rank handles."""
+    return n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
+
+
+def gather_rows(x, dist):
+    """Concatenate every rank's (n_r, ...) float array in rank order (ranks may hold different n_r)."""
+    if dist.world_size == 1:
+        return x
+    shapes = [None] * dist.world_size
+    tdist.all_gather_object(shapes, tuple(np.shape(x)))
+    counts = [s[0] for s in shapes]
+    row = max((s for s in shapes if s[0] > 0), default=shapes[0])[1:]      # a rank with no rows may lack columns
+    padded = torch.zeros((max(counts),) + tuple(row), dtype=torch.float32, device=dist.device)
+    if len(x):
+        padded[:len(x)] = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=dist.device)
+    out = [torch.zeros_like(padded) for _ in range(dist.world_size)]
+    tdist.all_gather(out, padded)
+    return torch.cat([o[:c] for o, c in zip(out, counts)]).cpu().numpy()
+
+
+def _cache_key(images, model):
+    # Features depend on the image file (path, size, modification time, count) and on the network's weights
+    # (fingerprinted by its first and last convolutions).
+    h = hashlib.sha1(os.path.abspath(images.path).encode())
+    if os.path.exists(images.path):
+        st = os.stat(images.path)
+        h.update(f"{st.st_size}-{st.st_mtime_ns}-{len(images)}".encode())
+    for w in (model.Conv2d_1a_3x3.conv.weight, model.Mixed_7c.branch_pool.conv.weight):
+        h.update(w.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_features(images, model, dist, batch_size=64, cache_dir=None, chunk=1000, desc="features"):
+    """
+    Inception features of an image set: (pool (N, 2048), spatial (N, 2023)) float32 numpy, on every rank.
+    Each rank takes a contiguous run of chunks; with cache_dir every finished chunk is kept on disk, so a killed
+    50K-image run resumes where it stopped.
+    """
+    n = len(images)
+    starts = list(range(0, n, chunk))
+    lo, hi = shard(len(starts), dist)
+    cache = None
+    if cache_dir is not None:
+        cache = os.path.join(cache_dir, _cache_key(images, model))
+        os.makedirs(cache, exist_ok=True)
+    feats = []
+    bar = tqdm(total=sum(min(s + chunk, n) - s for s in starts[lo:hi]), desc=desc, disable=not dist.is_main,
+               file=sys.stderr, leave=False)
+    for start in starts[lo:hi]:
+        end = min(start + chunk, n)
+        path = os.path.join(cache, f"{start:09d}_{end:09d}.npy") if cache else None
+        if path and os.path.exists(path):
+            feats.append(np.load(path))
+            bar.update(end - start)
+            continue
+        part = []
+        for b in range(start, end, batch_size):
+            x = torch.from_numpy(np.array(images.read(b, min(b + batch_size, end))))
+            x = x.to(dist.device).permute(0, 3, 1, 2)                            # (B, 3, H, W) uint8
+            pool, spatial, _ = model(x)
+            part.append(torch.cat([pool, spatial], 1).cpu().numpy())
+            bar.update(len(x))
+        part = np.concatenate(part)
+        if path:
+            np.save(path + ".tmp.npy", part)
+            os.replace(path + ".tmp.npy", path)                                  # atomic: no half-written chunk
+        feats.append(part)
+    bar.close()
+    feats = np.concatenate(feats) if feats else np.zeros((0, 2048 + 2023), np.float32)
+    feats = gather_rows(feats, dist)
+    return feats[:, :2048], feats[:, 2048:]
+
+
+#################################################################################
+#                 FID / sFID / IS / precision-recall (ADM evaluator)             #
+#################################################################################
+
+def compute_statistics(features):
+    """Mean and covariance (np.cov, ddof 1) of (N, D) features, float64, as ADM and pytorch-fid compute them."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError(f"need at least 2 images for a covariance, got {len(features)}")
+    if len(features) <= features.shape[1]:
+        warnings.warn(f"{len(features)} samples for {features.shape[1]}-dim features: the covariance is singular "
+                      "and the Frechet distance biased; use many more images (the papers use 50K)")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="eig"):
+    """
+    ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)) between two Gaussians.
+    method "sqrtm": scipy.linalg.sqrtm of S1 S2 exactly as the ADM evaluator and pytorch-fid (1e-6 I added to both
+    covariances if the root is not finite; a negligible imaginary part dropped, a large one an error).
+    method "eig" (default, several times faster at 2048-d): S1 S2 is similar to a symmetric PSD matrix
+    (L^T S1 L with S2 = L L^T; sqrt(S1) S2 sqrt(S1) restricted to S1's range when S2 is singular), so
+    tr sqrtm(S1 S2) is the sum of the square roots of its eigenvalues; agrees with "sqrtm" to float precision.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in dimension: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} has non-finite entries")
+    diff = mu1 - mu2
+    if method == "sqrtm":
+        import scipy.linalg
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"Frechet distance: singular product; adding {eps} to the covariance diagonals")
+            offset = np.eye(len(sigma1)) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if np.iscomplexobj(covmean):
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))}")
+            covmean = covmean.real
+        tr_covmean = np.trace(covmean)
+    elif method == "eig":
+        s1, s2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+        try:
+            # S2 positive definite (enough samples): S2 = L L^T and S1 S2 ~ L^T S1 L, one symmetric eigvalsh.
+            chol = np.linalg.cholesky(s2)
+            lam = np.linalg.eigvalsh(chol.T @ s1 @ chol)
+        except np.linalg.LinAlgError:
+            # Singular S2 (fewer samples than dimensions): with S1 = V diag(w) V^T, S1 S2 has the nonzero
+            # eigenvalues of B^T S2 B, B = V_r sqrt(w_r) over S1's r numerically nonzero eigenvalues (r x r).
+            w, v = np.linalg.eigh(s1)
+            keep = w > w.max() * len(w) * np.finfo(np.float64).eps
+            b = v[:, keep] * np.sqrt(w[keep])
+            lam = np.linalg.eigvalsh(b.T @ s2 @ b)
+        # Negative eigenvalues are round-off (the matrix is PSD); a large one means the input is not a covariance,
+        # the counterpart of sqrtm's large imaginary part.
+        imag = np.sqrt(np.clip(-lam, 0, None)).sum()
+        if imag > 1e-3 * max(1.0, np.sqrt(np.clip(lam, 0, None)).sum()):
+            raise ValueError(f"Frechet distance: imaginary component {imag} (covariances not positive semi-definite)")
+        tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()
+    else:
+        raise ValueError(f"unknown method {method!r}; valid: 'eig', 'sqrtm'")
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits, split_size=5000):
+    """
+    ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))) per consecutive split of 5000 samples, averaged.
+    50K samples give 10 splits; fewer give ceil(N / 5000) splits, the last one smaller (as ADM's loop does).
+    """
+    logits = np.asarray(logits, np.float64)
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))                  # log softmax
+    p = np.exp(log_p)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part, log_part = p[i:i + split_size], log_p[i:i + split_size]
+        # 0 log 0 = 0: classes with underflowed probability add nothing (ADM's formula would give nan there).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (log_part - np.log(part.mean(0, keepdims=True))), 0.0)
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores))
+
+
+def _pairwise_sq_dists(a, b):
+    # ||a||^2 - 2 a.b + ||b||^2, clamped at 0 (as ADM / Kynkaanniemi et al.).
+    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.t() + b.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+def manifold_radii(features, k=3, block=10000, device="cpu"):
+    """Squared distance from each point to its k-th nearest neighbour in the same set (self excluded)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+    if len(x) <= k:
+        raise ValueError(f"precision/recall need more than k = {k} points per set, got {len(x)}")
+    radii = torch.empty(len(x), dtype=torch.float32)
+    for i in range(0, len(x), block):
+        best = None                                    # running k+1 smallest (self included) per row
+        for j in range(0, len(x), block):
+            d = _pairwise_sq_dists(x[i:i + block], x[j:j + block])
+            cand = d if best is None else torch.cat([best, d], 1)
+            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
+        radii[i:i + block] = best[:, k].cpu()           # index 0 is the point itself (distance 0)
+    return radii.numpy()
+
+
+def precision_recall(ref_features, sample_features, k=3, block=10000, device="cpu"):
+    """
+    Improved precision/recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: each point owns a ball of
+    squared radius = its k-th NN distance in its own set; precision = fraction of samples inside some reference
+    ball, recall = fraction of references inside some sample ball. Distances in blocks of `block` x `block`, so
+    50K x 10K fits in memory. (ADM computes them in float16 when finite; here float32.)
+    """
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
+    smp = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
+    r_ref = torch.as_tensor(manifold_radii(ref_features, k, block, device), device=device)
+    r_smp = torch.as_tensor(manifold_radii(sample_features, k, block, device), device=device)
+    smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), block):
+        for j in range(0, len(smp), block):
+            d = _pairwise_sq_dists(ref[i:i + block], smp[j:j + block])        # (refs, samples)
+            smp_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
+            ref_in[i:i + block] |= (d <= r_smp[None, j:j + block]).any(1)
+    return smp_in.double().mean().item(), ref_in.double().mean().item()
+
+
+def read_reference(path):
+    """A reference: dict with optional mu, sigma, mu_s, sigma_s (precomputed stats) and images (an image set)."""
+    ref = {}
+    if os.path.isfile(path) and path.endswith(".npz"):
+        with np.load(path) as f:
+            keys = set(f.keys())
+            for k in ("mu", "sigma", "mu_s", "sigma_s"):
+                if k in keys:
+                    ref[k] = f[k]
+        if ("mu" in ref) != ("sigma" in ref) or ("mu_s" in ref) != ("sigma_s" in ref):
+            raise KeyError(f"{path}: statistics must come in pairs (mu, sigma) and (mu_s, sigma_s); has {sorted(keys)}")
+        if "arr_0" in keys:
+            ref["images"] = NpzImages(path)
+        if "mu" not in ref and "images" not in ref:
+            raise KeyError(f"{path}: neither statistics (mu, sigma) nor images (arr_0); keys: {sorted(keys)}")
+    else:
+        ref["images"] = open_images(path)
+    return ref
+
+
+def evaluate_samples(samples, ref, model, dist, batch_size=64, cache_dir=None, k=3):
+    """Every ADM metric of an image set against a reference (read_reference). Returns (results, notes) on rank 0."""
+    notes = []
+    pool, spatial = extract_features(samples, model, dist, batch_size, cache_dir, desc="sample features")
+    ref_pool = ref_spatial = None
+    if "images" in ref:
+        ref_pool, ref_spatial = extract_features(ref["images"], model, dist, batch_size, cache_dir,
+                                                 desc="reference features")
+        if samples.image_size != ref["images"].image_size:
+            notes.append(f"samples are {samples.image_size} and reference images {ref['images'].image_size} "
+                         "(H, W): both are resized to 299, but FID across resolutions is rarely what you want")
+    if not dist.is_main:
+        return None, notes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # As ADM's evaluator: a reference's stored statistics win over ones recomputed from its images.
+        mu_r, sigma_r = (ref["mu"], ref["sigma"]) if "mu" in ref else compute_statistics(ref_pool)
+        results = {"fid": frechet_distance(*compute_statistics(pool), mu_r, sigma_r), "sfid": None}
+        if "mu_s" in ref:
+            results["sfid"] = frechet_distance(*compute_statistics(spatial), ref["mu_s"], ref["sigma_s"])
+        elif ref_spatial is not None:
+            results["sfid"] = frechet_distance(*compute_statistics(spatial), *compute_statistics(ref_spatial))
+        else:
+            notes.append("reference has neither sFID statistics (mu_s, sigma_s) nor images: sFID skipped")
+    notes += sorted({str(w.message) for w in caught})
+    results["inception_score"] = inception_score(pool @ model.fc.weight.detach().double().cpu().numpy().T)
+    if ref_pool is not None:
+        results["precision"], results["recall"] = precision_recall(ref_pool, pool, k=k, device=dist.device)
+    else:
+        results["precision"] = results["recall"] = None
+        notes.append("reference has no images (arr_0): precision and recall skipped")
+    results["num_samples"] = len(pool)
+    results["num_reference"] = None if ref_pool is None else len(ref_pool)
+    return results, notes
+
+
+#################################################################################
+#                 Reconstruction metrics: PSNR, SSIM (uint8 images)              #
+#################################################################################
+
+def psnr(x, y, peak=255.0):
+    """Per-image PSNR (dB) of (N, C, H, W) images on the uint8 scale: 10 log10(peak^2 / MSE), MSE over C, H, W."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(peak ** 2 / mse)
+
+
+def _gaussian_window(size=11, sigma=1.5, device="cpu"):
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(x, y, data_range=255.0, window=11, sigma=1.5, k1=0.01, k2=0.03):
+    """
+    Per-image SSIM (Wang et al. 2004) of (N, C, H, W) images: Gaussian window 11 / sigma 1.5, K1 0.01, K2 0.03,
+    population statistics, the mean over the valid (unpadded) positions of each channel, then over channels
+    (skimage's structural_similarity(gaussian_weights=True, channel_axis=...), torchmetrics' SSIM).
+    """
+    x, y = x.double(), y.double()
+    c = x.shape[1]
+    g = _gaussian_window(window, sigma, x.device)
+    wh = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)                          # separable: rows then columns
+    wv = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, wh, groups=c), wv, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(2, 3)).mean(1)
+
+
+#################################################################################
+#                  Equivariance error (App. C.3) and latent helpers              #
+#################################################################################
+
+def rotate(x, k):
+    """Rotate (N, C, H, W) by k quarter turns (rot90 over dims (-1, -2), as the official EQ-VAE training code)."""
+    return torch.rot90(x, k, dims=(-1, -2))
+
+
+def scale(x, s, mode="bilinear"):
+    """Resize (N, C, H, W) by factor s (output floor(s H) x floor(s W)): F.interpolate(scale_factor=s, bilinear,
+    align_corners=False, no antialias) as the official EQ-VAE training code resizes both image and latent."""
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(x, scale_factor=s, mode=mode, align_corners=False)
+    return F.interpolate(x, scale_factor=s, mode=mode)
+
+
+@torch.no_grad()
+def equivariance_error(encode_fn, images, rotations=(1, 2, 3), scales=(0.25, 0.5, 0.75), decode_fn=None,
+                       image_interp="bilinear", latent_interp="bilinear"):
+    """
+    The paper's equivariance error per image (App. C.3): ||tau E(x) - E(tau x)||^2 / ||E(tau x)||^2 for every tau in
+    T_r (quarter turns k) and T_s (scales s). The latent is resized with the same factor as the image, so a 256 px
+    image (32 x 32 latent) scaled by 0.25 gives a 64 px image and an 8 x 8 latent.
+    encode_fn: (N, 3, H, W) images in [-1, 1] -> (N, C, h, w) latents. decode_fn (optional): latents -> images,
+    adds the PSNR between tau x and D(tau E(x)) (the paper's Fig. 3 view).
+    Returns {name: (N,) tensor}: "rot90", "rot180", "rot270", "scale0.25", ... and, with decode_fn, "psnr/<name>".
+    Scaling: the official training code (ldm/models/autoencoder.py) resizes image and latent bilinearly without
+    antialias, the default here; the paper's text (Sec. 3.3) says bicubic for the image: image_interp="bicubic".
+    """
+    z = encode_fn(images).float()
+    taus = [(f"rot{90 * k}", "rot", k) for k in rotations] + [(f"scale{s:g}", "scale", s) for s in scales]
+    out = {}
+    for name, kind, p in taus:
+        if kind == "rot":
+            z_tau, x_tau = rotate(z, p), rotate(images, p)                     # tau E(x), tau x
+        else:
+            z_tau, x_tau = scale(z, p, latent_interp), scale(images, p, image_interp)
+            x_tau = x_tau.clamp(-1, 1)                                        # bicubic overshoots the image range
+        e_tau = encode_fn(x_tau).float()                                      # E(tau x)
+        if e_tau.shape != z_tau.shape:
+            raise ValueError(f"{name}: E(tau x) has shape {tuple(e_tau.shape)} but tau E(x) {tuple(z_tau.shape)}; "
+                             "the image size times the scale must be a multiple of the encoder's stride")
+        out[name] = (z_tau - e_tau).pow(2).flatten(1).sum(1) / e_tau.pow(2).flatten(1).sum(1)
+        if decode_fn is not None:
+            out[f"psnr/{name}"] = psnr(to_uint8(decode_fn(z_tau).float()), to_uint8(x_tau))
+    return out
+
+
+def summarize_equivariance(errors):
+    """Mean per transform and over T_r ("rotation") and T_s ("scale") of equivariance_error's per-image values."""
+    means = {k: float(v.double().mean()) for k, v in errors.items()}
+    for group, prefix in (("rotation", "rot"), ("scale", "scale")):
+        for kind in ("", "psnr/"):
+            keys = [k for k in errors if k.startswith(kind + prefix)]
+            if keys:
+                means[kind + group] = float(np.mean([means[k] for k in keys]))
+    return means
+
+
+def is_vq(vae):
+    """A VQGAN (encode -> continuous latent, quantize) rather than a KL-VAE (encode -> posterior)."""
+    return hasattr(vae, "quantize")
+
+
+def encoder_fn(vae, latent="mean"):
+    """
+    images -> latents. KL-VAE: posterior mean ("mean", the equivariance error's E) or a posterior sample
+    ("sample", what the decoder sees in reconstruction). VQ-GAN: the continuous pre-quantisation latent ("mean")
+    or the quantised one ("sample").
+    """
+    def encode(x):
+        if is_vq(vae):
+            z = vae.encode(x)
+            return vae.quantize(z)[0] if latent == "sample" else z
+        posterior = vae.encode(x)
+        return posterior.sample() if latent == "sample" else posterior.mean
+    return encode
+
+
+def decoder_fn(vae):
+    """latents -> images in [-1, 1]; a VQ-GAN quantises first (Sec. 3.3: tau acts before quantisation)."""
+    def decode(z):
+        if is_vq(vae):
+            z = vae.quantize(z)[0]
+        return vae.decode(z)
+    return decode
+
+
+#################################################################################
+#                      Intrinsic dimension: TwoNN and MLE                        #
+#################################################################################
+
+def knn_distances(points, k, block=2048, device="cpu"):
+    """Euclidean distances (N, k) from each point to its k nearest other points, computed in row blocks."""
+    x = torch.as_tensor(np.asarray(points), dtype=torch.float64, device=device).flatten(1)
+    sq = x.pow(2).sum(1)
+    out = []
+    for i in range(0, len(x), block):
+        d = (sq[i:i + block, None] - 2 * x[i:i + block] @ x.t() + sq[None]).clamp_min_(0)
+        rows = torch.arange(len(d), device=d.device)
+        d[rows, rows + i] = float("inf")                                            # exclude the point itself
+        out.append(d.topk(k, dim=1, largest=False).values.sqrt().cpu())
+    return torch.cat(out).numpy()
+
+
+def twonn(points, discard_fraction=0.1, device="cpu"):
+    """
+    TwoNN intrinsic dimension (Facco et al. 2017) of (N, D) points: mu = r2 / r1; the fraction of largest mu is
+    discarded, then -log(1 - F_emp(mu)) = d log(mu) is fit through the origin by least squares with
+    F_emp(mu_(i)) = i / N over the kept sorted ratios (scikit-dimension's TwoNN, DADApy).
+    """
+    r = knn_distances(points, 2, device=device)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = r[:, 1] / r[:, 0]
+    if not np.all(np.isfinite(mu)):
+        warnings.warn(f"TwoNN: dropping {np.sum(~np.isfinite(mu))} duplicate points (zero nearest-neighbour distance)")
+        mu = mu[np.isfinite(mu)]
+    n = len(mu)
+    keep = int(n * (1 - discard_fraction))
+    if keep < 2:
+        raise ValueError(f"TwoNN needs more points: {n} usable")
+    mu = np.sort(mu)[:keep]
+    x = np.log(mu)
+    y = -np.log(1 - np.arange(1, keep + 1) / n)
+    return float((x @ y) / (x @ x))
+
+
+def mle_id(points, k=20, device="cpu"):
+    """
+    Levina-Bickel maximum-likelihood intrinsic dimension with k neighbours: per point
+    m_k(x)^-1 = 1/(k-1) sum_{j<k} log(T_k(x) / T_j(x)), combined as 1 / mean(m_k^-1) (MacKay and Ghahramani's
+    correction; scikit-dimension's MLE default comb='mle').
+    """
+    t = knn_distances(points, k, device=device)
+    inv = np.log(t[:, -1:] / t[:, :-1]).sum(1) / (k - 1)
+    return float(1.0 / inv.mean())
+
+
+#################################################################################
+#                   Latent pictures: PCA as RGB (Fig. 1), spectrum               #
+#################################################################################
+
+def pca_rgb(latents):
+    """(N, C, h, w) latents -> (N, 3, h, w) in [0, 1]: the top 3 principal components over all positions of all
+    images (first component in red), min-max normalised per image (the official vis_latent.py)."""
+    n, c, h, w = latents.shape
+    x = latents.permute(0, 2, 3, 1).reshape(-1, c).double()
+    x = x - x.mean(0)
+    _, vecs = torch.linalg.eigh(x.t() @ x / max(1, len(x) - 1))
+    rgb = (x @ vecs[:, -3:].flip(1)).reshape(n, h, w, 3).permute(0, 3, 1, 2)
+    lo = rgb.flatten(1).min(1).values.view(n, 1, 1, 1)
+    hi = rgb.flatten(1).max(1).values.view(n, 1, 1, 1)
+    return ((rgb - lo) / (hi - lo + 1e-8)).float()
+
+
+def radial_power_spectrum(latents):
+    """Radially averaged power spectrum of (N, C, h, w) latents: mean |FFT|^2 (mean removed per map) over rings of
+    integer frequency radius 0 .. min(h, w) // 2, averaged over channels and images. Returns (freqs, power)."""
+    z = latents.double()
+    z = z - z.mean(dim=(-2, -1), keepdim=True)
+    power = torch.fft.fftshift(torch.fft.fft2(z).abs() ** 2, dim=(-2, -1)).mean(dim=(0, 1))   # (h, w)
+    h, w = power.shape
+    yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
+    radius = torch.sqrt(yy.double() ** 2 + xx.double() ** 2).round().long()
+    rmax = min(h, w) // 2
+    sums = torch.zeros(radius.max() + 1, dtype=torch.float64).scatter_add_(0, radius.flatten(), power.flatten())
+    counts = torch.zeros_like(sums).scatter_add_(0, radius.flatten(), torch.ones_like(power.flatten()))
+    return np.arange(rmax + 1), (sums / counts)[:rmax + 1].numpy()
+
+
+def plot_curves(path, curves, xlabel="frequency (cycles / latent)", ylabel="log10 power", size=(640, 480)):
+    """A line plot (PNG, PIL only) of {label: (x, y)} curves with log10 y."""
+    from PIL import ImageDraw
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 70, 20, size[0] - 20, size[1] - 50
+    logged = {k: (np.asarray(x, float), np.log10(np.maximum(np.asarray(y, float), 1e-30)))
+              for k, (x, y) in curves.items()}
+    xs = np.concatenate([v[0] for v in logged.values()])
+    ys = np.concatenate([v[1] for v in logged.values()])
+    x0, x1 = xs.min(), max(xs.max(), xs.min() + 1e-9)
+    y0, y1 = ys.min(), max(ys.max(), ys.min() + 1e-9)
+    px = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
+    py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):                                               # axis ticks
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        draw.text((px(xv) - 10, bottom + 5), f"{xv:.3g}", fill="black")
+        draw.text((5, py(yv) - 5), f"{yv:.3g}", fill="black")
+    draw.text(((left + right) // 2 - 60, size[1] - 20), xlabel, fill="black")
+    draw.text((5, 3), ylabel, fill="black")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for i, (label, (x, y)) in enumerate(logged.items()):
+        c = colors[i % len(colors)]
+        draw.line([(px(a), py(b)) for a, b in zip(x, y)], fill=c, width=2)
+        draw.text((right - 150, top + 10 + 15 * i), label, fill=c)
+    img.save(path)
+
+
+def save_grid(path, rows, cell=None):
+    """Save rows of (N, 3, H, W) [0, 1] tensors as one PNG grid (nearest upsampling to `cell` pixels)."""
+    tiles = []
+    for r in rows:
+        if cell is not None:
+            r = F.interpolate(r.float(), size=(cell, cell), mode="nearest")
+        tiles.append(torch.cat(list(r), dim=2))                          # (3, H, N * W)
+    grid = (torch.cat(tiles, dim=1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(grid).save(path)
+
+
+#################################################################################
+#                                  Commands                                     #
+#################################################################################
+
+def report(results, notes=(), title=""):
+    """The JSON object on stdout, a readable table (and notes) on stderr."""
+    width = max([len(k) for k in results] + [8])
+    lines = [title] if title else []
+    for k, v in results.items():
+        if isinstance(v, float):
+            lines.append(f"  {k:<{width}}  {v:.6g}")
+        elif not isinstance(v, (dict, list)):
+            lines.append(f"  {k:<{width}}  {v}")
+    lines += [f"  note: {n}" for n in notes]
+    print("\n".join(lines), file=sys.stderr)
+    print(json.dumps(results))
+    sys.stdout.flush()
+
+
+def autoencoder_loader(args, dist):
+    """The autoencoder (eval mode, on device) and this rank's shard of the dataset as a DataLoader."""
+    # ADM center crop (data.py); LightningDiT's eval uses Resize(256) + CenterCrop(256), which differs only in the
+    # resampling filter.
+    vae = models.load_autoencoder(args.vae).to(dist.device).eval()
+    dataset = data.build_dataset(args.data, args.resolution, "center", num_images=args.num_images)
+    lo, hi = shard(len(dataset), dist)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=args.batch_size,
+                                         shuffle=False, num_workers=args.num_workers, drop_last=False)
+    return vae, dataset, loader
+
+
+def cmd_fid(args, dist):
+    model = load_inception(args.inception).to(dist.device)
+    samples = open_images(args.samples)
+    ref = read_reference(args.reference)
+    results, notes = evaluate_samples(samples, ref, model, dist, args.batch_size, args.cache_dir)
+    if dist.is_main:
+        report(results, notes, f"{args.samples} vs {args.reference}")
+
+
+def cmd_stats(args, dist):
+    model = load_inception(args.inception).to(dist.device)
+    images = open_images(args.images)
+    pool, spatial = extract_features(images, model, dist, args.batch_size, args.cache_dir)
+    if not dist.is_main:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mu, sigma = compute_statistics(pool)
+        mu_s, sigma_s = compute_statistics(spatial)
+    extra = {}
+    if args.keep_images:
+        # A complete ADM reference batch also holds images (arr_0), which precision/recall need.
+        extra["arr_0"] = images.read(0, min(args.keep_images, len(images)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.savez(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, **extra)
+    report({"out": args.out, "num_images": len(pool), "images_kept": len(extra.get("arr_0", []))},
+           sorted({str(w.message) for w in caught}), f"statistics of {args.images}")
+
+
+@torch.no_grad()
+def cmd_recon(args, dist):
+    vae, dataset, loader = autoencoder_loader(args, dist)
+    inception = None if args.no_fid else load_inception(args.inception).to(dist.device)
+    lpips = None if args.no_lpips else models.LPIPS().to(dist.device).eval()
+    encode, decode = encoder_fn(vae, "sample"), decoder_fn(vae)
+    if args.save_png and dist.is_main:
+        for sub in ("ref", "recon"):
+            os.makedirs(os.path.join(args.save_png, sub), exist_ok=True)
+    train_utils.barrier()
+    rows, index = [], shard(len(dataset), dist)[0]
+    for x, _ in tqdm(loader, desc="recon", disable=not dist.is_main, file=sys.stderr, leave=False):
+        x = x.to(dist.device)
+        with train_utils.autocast(args.precision, dist.device):
+            x_hat = decode(encode(x)).float()                  # LightningDiT/EQ-VAE protocol: posterior sample
+        ref8, rec8 = to_uint8(x), to_uint8(x_hat)            # metrics on the uint8 images that PNGs would hold
+        cols = [psnr(rec8, ref8), ssim(rec8, ref8)]
+        if lpips is not None:
+            cols.append(lpips(x_hat, x).double().flatten())  # (official eval: LPIPS on the float decoder output)
+        if inception is not None:
+            cols += [t.double() for t in (inception(ref8)[0], inception(rec8)[0])]
+        rows.append(torch.cat([c.view(len(x), -1).cpu() for c in cols], 1).numpy())
+        if args.save_png:
+            for i in range(len(x)):
+                for sub, t in (("ref", ref8), ("recon", rec8)):
+                    Image.fromarray(t[i].permute(1, 2, 0).cpu().numpy()).save(
+                        os.path.join(args.save_png, sub, f"{index + i:06d}.png"))
+        index += len(x)
+    rows = gather_rows(np.concatenate(rows) if rows else np.zeros((0, 0)), dist)
+    if not dist.is_main:
+        return
+    results = {"psnr": float(rows[:, 0].mean()), "ssim": float(rows[:, 1].mean())}
+    col = 2
+    if lpips is not None:
+        results["lpips"] = float(rows[:, col].mean())
+        col += 1
+    notes = []
+    if inception is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref_stats = compute_statistics(rows[:, col:col + 2048])
+            rec_stats = compute_statistics(rows[:, col + 2048:col + 4096])
+        notes += sorted({str(w.message) for w in caught})
+        results["rfid"] = frechet_distance(*rec_stats, *ref_stats)
+    results["num_images"] = len(rows)
+    report(results, notes, f"reconstruction of {args.data} by {args.vae}")
+
+
+@torch.no_grad()
+def cmd_equivariance(args, dist):
+    vae, dataset, loader = autoencoder_loader(args, dist)
+    encode, decode = encoder_fn(vae, "mean"), decoder_fn(vae)
+    parts = {}
+    for x, _ in tqdm(loader, desc="equivariance", disable=not dist.is_main, file=sys.stderr, leave=False):
+        with train_utils.autocast(args.precision, dist.device):
+            errs = equivariance_error(encode, x.to(dist.device), args.rotations, args.scales,
+                                      decode if args.psnr else None, args.image_interp, args.latent_interp)
+        for k, v in errs.items():
+            parts.setdefault(k, []).append(v.double().cpu())
+    names = sorted(parts)
+    local = np.stack([torch.cat(parts[k]).numpy() for k in names], 1) if parts else np.zeros((0, 0))
+    rows = gather_rows(local, dist)
+    if not dist.is_main:
+        return
+    results = summarize_equivariance({k: torch.from_numpy(rows[:, i]) for i, k in enumerate(names)})
+    order = ["rotation", "scale"] + [k for k in results if k not in ("rotation", "scale")]
+    results = {k: results[k] for k in order}
+    results["num_images"] = len(rows)
+    report(results, ["E = posterior mean (KL) / continuous pre-quantisation latent (VQ); "
+                     f"image scaling {args.image_interp}, latent scaling {args.latent_interp}"],
+           f"equivariance error of {args.vae} on {args.data}")
+
+
+@torch.no_grad()
+def collect_latents(args, dist, latent="mean"):
+    vae, dataset, loader = autoencoder_loader(args, dist)
+    encode = encoder_fn(vae, latent)
+    zs, xs = [], []
+    for x, _ in tqdm(loader, desc="latents", disable=not dist.is_main, file=sys.stderr, leave=False):
+        with train_utils.autocast(args.precision, dist.device):
+            zs.append(encode(x.to(dist.device)).float().cpu())
+        xs.append(x)
+    z = torch.cat(zs)
+    shape = z.shape[1:]
+    z = gather_rows(z.flatten(1).numpy(), dist)
+    return z.reshape(len(z), *shape), torch.cat(xs)
+
+
+def cmd_id(args, dist):
+    if args.latents is not None:
+        z = np.load(args.latents)
+        if isinstance(z, np.lib.npyio.NpzFile):
+            z = z[z.files[0]]
+        source = args.latents
+    else:
+        if args.vae is None or args.data is None:
+            raise SystemExit("id: give LATENTS.npy, or --vae PATH and --data D")
+        z, _ = collect_latents(args, dist, args.latent)
+        source = f"{args.vae} on {args.data} ({args.latent} latents)"
+    if not dist.is_main:
+        return
+    points = np.asarray(z, np.float64).reshape(len(z), -1)
+    results = {"twonn": twonn(points, device=dist.device), "mle": mle_id(points, k=args.k, device=dist.device),
+               "mle_k": args.k,
+               "num_points": len(points), "ambient_dim": points.shape[1]}
+    report(results, [], f"intrinsic dimension of {source}")
+
+
+def cmd_latents(args, dist):
+    z, x = collect_latents(args, dist, args.latent)
+    if not dist.is_main:
+        return
+    z = torch.as_tensor(z)
+    os.makedirs(args.out, exist_ok=True)
+    n = min(args.num_show, len(x))                     # x: rank 0's shard, the first images
+    size = x.shape[-1]
+    images = (x[:n].float() + 1) / 2
+    save_grid(os.path.join(args.out, "pca_rgb.png"), [images, pca_rgb(z[:n])], cell=size)
+    freqs, power = radial_power_spectrum(z)
+    # Radius 0 (the mean, removed per map) is left out of the log plot.
+    plot_curves(os.path.join(args.out, "power_spectrum.png"), {"latent": (freqs[1:], power[1:])})
+    np.savez(os.path.join(args.out, "power_spectrum.npz"), freqs=freqs, power=power)
+    report({"pca_rgb": os.path.join(args.out, "pca_rgb.png"),
+            "power_spectrum": os.path.join(args.out, "power_spectrum.png"),
+            "num_latents": len(z), "latent_shape": list(z.shape[1:]),
+            "spectrum": [float(p) for p in power]}, [], f"latent pictures of {args.vae} on {args.data}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="metric", required=True)
+
+    def common(p, inception=False, vae=False):
+        p.add_argument("--batch-size", type=int, default=64 if inception else 32)
+        if inception:
+            p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS_FILE} (default: torch hub cache)")
+            p.add_argument("--cache-dir", default=None, help="keep features per chunk here; a rerun resumes")
+        if vae:
+            p.add_argument("--vae", required=vae is True, default=None, help="autoencoder checkpoint or folder")
+            p.add_argument("--data", required=vae is True, default=None, help="'synthetic' or an ImageFolder path")
+            p.add_argument("--resolution", type=int, default=256)
+            p.add_argument("--num-images", type=int, default=None, help="default: the whole dataset (paper: 50K)")
+            p.add_argument("--num-workers", type=int, default=4)
+            p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+
+    p = sub.add_parser("fid", help="FID, sFID, IS, precision, recall of samples against a reference")
+    p.add_argument("samples", help="ADM .npz (arr_0 uint8 NHWC) or folder of images")
+    p.add_argument("reference", help="ADM reference .npz (mu, sigma, [mu_s, sigma_s], [arr_0]), .npz or folder")
+    common(p, inception=True)
+
+    p = sub.add_parser("stats", help="reference statistics (ADM layout: mu, sigma, mu_s, sigma_s)")
+    p.add_argument("images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--keep-images", type=int, default=0, help="also store the first K images as arr_0 (for P/R)")
+    common(p, inception=True)
+
+    p = sub.add_parser("recon", help="rFID, PSNR, SSIM, LPIPS of an autoencoder's reconstructions")
+    common(p, inception=True, vae=True)
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception weights needed)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no VGG weights needed)")
+    p.add_argument("--save-png", default=None, help="folder for ref/ and recon/ PNG dumps")
+
+    p = sub.add_parser("equivariance", help="equivariance error Delta (App. C.3)")
+    common(p, vae=True)
+    p.add_argument("--rotations", type=int, nargs="+", default=[1, 2, 3], help="quarter turns (T_r)")
+    p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="scale factors (T_s)")
+    p.add_argument("--image-interp", choices=["bilinear", "bicubic", "area"], default="bilinear")
+    p.add_argument("--latent-interp", choices=["bilinear", "bicubic", "area"], default="bilinear")
+    p.add_argument("--no-psnr", dest="psnr", action="store_false", help="skip PSNR(tau x, D(tau E(x)))")
+
+    p = sub.add_parser("id", help="intrinsic dimension (TwoNN, MLE) of latents")
+    p.add_argument("latents", nargs="?", default=None, help=".npy of latents (N, ...)")
+    common(p, vae="optional")
+    p.add_argument("--latent", choices=["mean", "sample"], default="mean")
+    p.add_argument("--k", type=int, default=20, help="neighbours for the MLE")
+
+    p = sub.add_parser("latents", help="PCA-as-RGB pictures and power spectrum of latents")
+    common(p, vae=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--latent", choices=["mean", "sample"], default="mean")
+    p.add_argument("--num-show", type=int, default=8)
+
+    args = parser.parse_args(argv)
+    dist = train_utils.setup_distributed()
+    # Metrics in full fp32: setup_distributed enables TF32, which moves Inception features by ~1e-3.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        {"fid": cmd_fid, "stats": cmd_stats, "recon": cmd_recon, "equivariance": cmd_equivariance,
+         "id": cmd_id, "latents": cmd_latents}[args.metric](args, dist)
+    finally:
+        train_utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
