@@ -139,7 +139,7 @@ def random_hflip(pil_image, p=0.5):
 
 class ImageTransform:
     """PIL image -> tensor (3, size, size) in [-1, 1] with one of the named training/eval pipelines."""
-    kinds = ("center", "center_flip", "eqvae")
+    kinds = ("center", "center_flip", "eqvae", "resize_center")
 
     def __init__(self, size, kind="center"):
         if kind not in self.kinds:
@@ -150,6 +150,11 @@ class ImageTransform:
     def __call__(self, pil_image):
         if self.kind == "eqvae":
             img = self.eqvae_crop(pil_image)            # EQ-VAE fine-tuning: no flip (official data code)
+        elif self.kind == "resize_center":
+            # Reconstruction metrics (LightningDiT / EQ-VAE eval, REFERENCE 2): Resize(size) + CenterCrop(size),
+            # torchvision's bilinear resize of the short side (antialiased on PIL images).
+            from torchvision.transforms import functional as TF
+            img = TF.center_crop(TF.resize(pil_image.convert("RGB"), self.size), self.size)
         else:
             img = center_crop_arr(pil_image, self.size)  # DiT/SiT/REPA: ADM crop (+ flip in DiT training)
             if self.kind == "center_flip":
@@ -460,7 +465,8 @@ class SyntheticImages(torch.utils.data.Dataset):
 #################################################################################
 
 def build_dataset(data, resolution, transform="center", num_images=None, seed=0):
-    """data = "synthetic" or an image folder; transform in center | center_flip | eqvae; items in [-1, 1]."""
+    """data = "synthetic" or an image folder; transform in center | center_flip | eqvae | resize_center;
+    items in [-1, 1]."""
     if transform not in ImageTransform.kinds:
         raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(ImageTransform.kinds)}")
     if data == "synthetic":

@@ -913,10 +913,9 @@ def report(results, notes=(), title=""):
 
 def autoencoder_loader(args, dist):
     """The autoencoder (eval mode, on device) and this rank's shard of the dataset as a DataLoader."""
-    # ADM center crop (data.py); LightningDiT's eval uses Resize(256) + CenterCrop(256), which differs only in the
-    # resampling filter.
+    # The LightningDiT / EQ-VAE evaluation protocol (REFERENCE 2): Resize(256) + CenterCrop(256).
     vae = models.load_autoencoder(args.vae).to(dist.device).eval()
-    dataset = data.build_dataset(args.data, args.resolution, "center", num_images=args.num_images)
+    dataset = data.build_dataset(args.data, args.resolution, "resize_center", num_images=args.num_images)
     lo, hi = shard(len(dataset), dist)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=args.batch_size,
                                          shuffle=False, num_workers=args.num_workers, drop_last=False)

@@ -304,3 +304,17 @@ def test_save_image_grid(tmp_path):
     u8 = ((127.5 * x + 128).clamp(0, 255)).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(g[2:10, 2:8], u8[0]) and np.array_equal(g[12:20, 10:16], u8[4])
     assert (g[12:20, 18:24] == 0).all()                               # the empty sixth tile stays black
+
+
+def test_resize_center_is_torchvision_resize_then_center_crop(tmp_path):
+    """The reconstruction-eval pipeline: short side resized to the size, then the central square."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    x = data.ImageTransform(32, "resize_center")(Image.open(tmp_path / "a.png"))
+    assert x.shape == (3, 32, 32)
+    # Independent route: PIL bilinear resize to 48x32 (short side 32), then crop columns 8..40.
+    ref = np.asarray(Image.fromarray(arr).resize((48, 32), Image.BILINEAR))[:, 8:40]
+    got = data.to_uint8(x).permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
