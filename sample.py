@@ -1,0 +1,227 @@
+"""
+Stage 3: sample images from a trained or official class-conditional model, across GPUs, to a PNG grid and the
+ADM-format .npz that the FID evaluators read (arr_0: uint8 (N, H, W, 3), exactly N images; arr_1: their labels).
+
+    torchrun --nproc_per_node=8 sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \
+        --num-samples 50000 --cfg-scale 1.5
+    python sample.py --preset tiny --ckpt results/DiT-T-2/checkpoints/0000200.pt
+
+Each batch of images is a function of (seed, batch index) alone and is written as its own shard, so the result does
+not depend on the number of processes and an interrupted run picks up the shards it already wrote.
+Model families plug in as one function each (see SAMPLERS); DiT is implemented here.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import models
+import train_utils as tu
+
+
+#################################################################################
+#                       Model Families: one function each                       #
+#################################################################################
+
+PRESETS = {
+    "tiny": dict(model="DiT-T/2", image_size=64, num_classes=10, num_samples=32, per_proc_batch_size=16,
+                 num_sampling_steps=50, cfg_scale=1.5),
+}
+
+
+def read_weights(path, which):
+    """State dict from an official file (plain state dict) or one of our / DiT train.py checkpoints ("ema"/"model")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--ckpt {path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # DiT train.py checkpoints pickle their args
+    if isinstance(ckpt, dict) and isinstance(ckpt.get(which), dict):
+        return ckpt[which]
+    if isinstance(ckpt, dict) and "model" in ckpt and which not in ckpt:
+        raise KeyError(f"{path} has no {which!r} weights (keys: {sorted(ckpt)})")
+    return ckpt  # official release: the state dict itself
+
+
+def setup_dit(args, vae, device):
+    """
+    DiT: build the model, load the checkpoint, and return generate(labels (n,), generator) -> images (n, 3, H, W)
+    in [-1, 1]: DiT's ancestral sampler over respaced steps with classifier-free guidance (or DDIM), then the VAE.
+    """
+    state_dict = read_weights(args.ckpt, args.weights)
+    if "x_embedder.proj.weight" not in state_dict:
+        raise ValueError(f"{args.ckpt} is not a DiT checkpoint (first keys: {sorted(state_dict)[:5]})")
+    probe = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
+    C, h, _ = vae.encode(probe).mean.shape[1:]  # latent shape at this resolution
+    model = models.build_dit(args.model, input_size=h, num_classes=args.num_classes,
+                             in_channels=models.dit_config_from_state_dict(state_dict)["in_channels"])
+    models.load_dit_weights(model, state_dict)  # a checkpoint of another config is an error saying which
+    if model.in_channels != C:
+        raise ValueError(f"{args.model} checkpoint takes {model.in_channels}-channel latents but the autoencoder "
+                         f"gives {C} channels: pass the autoencoder the model was trained with (--vae)")
+    model = model.to(device).eval()  # important: no label dropout
+    diffusion = models.create_diffusion(str(args.num_sampling_steps))
+    sf = vae.scaling_factor
+    use_cfg = args.cfg_scale > 1.0
+
+    @torch.no_grad()
+    def generate(labels, generator):
+        n = len(labels)
+        z = torch.randn(n, C, h, h, generator=generator, device=device)
+        if use_cfg:
+            # Batch the conditional and the null-label ("unconditional") halves: one forward for both.
+            z = torch.cat([z, z], 0)
+            y = torch.cat([labels, torch.full_like(labels, args.num_classes)], 0)
+            fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=args.cfg_scale,
+                                                      cfg_all_channels=args.cfg_all_channels)
+        else:
+            fn, kwargs = model.forward, dict(y=labels)
+        loop = diffusion.ddim_sample_loop if args.sampler == "ddim" else diffusion.p_sample_loop
+        with tu.autocast(args.precision, device):
+            out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=device, generator=generator)
+        if use_cfg:
+            out, _ = out.chunk(2, dim=0)  # drop the null-label half
+        return vae.decode(out.float() / sf)  # latents are unscaled before decoding
+
+    return generate
+
+
+# Model families by name prefix: (setup function, the table of valid names in models.py). A setup function takes
+# (args, autoencoder, device) and returns generate(labels, generator) -> images in [-1, 1]; SiT/REPA ("SiT-") and
+# MaskGIT ("maskgit") plug in here with one function each.
+SAMPLERS = {"DiT-": (setup_dit, "DiT_models")}
+
+
+def family_of(name):
+    """The setup function for a model name; unknown names list every valid one."""
+    valid = [n for _, table in SAMPLERS.values() for n in getattr(models, table, {})]
+    for prefix, (setup, table) in SAMPLERS.items():
+        if name.lower().startswith(prefix.lower()) and name in getattr(models, table, {}):
+            return setup
+    raise ValueError(f"unknown --model {name!r}; valid: {', '.join(valid)}")
+
+
+#################################################################################
+#                                  Sampling Loop                                #
+#################################################################################
+
+def batch_labels(args, start, n, generator, device):
+    """Labels of images start .. start + n - 1: cycled from --class-labels, or uniform over the classes."""
+    if args.class_labels:
+        given = [int(c) for c in args.class_labels.split(",")]
+        return torch.tensor([given[i % len(given)] for i in range(start, start + n)], device=device)
+    return torch.randint(0, args.num_classes, (n,), generator=generator, device=device)
+
+
+def batch_count(args, b):
+    """Number of images in batch b (the last one may be short)."""
+    return min(args.per_proc_batch_size, args.num_samples - b * args.per_proc_batch_size)
+
+
+def shard_done(out_dir, b, n):
+    """Whether batch b's shard exists; one of another size (other --per-proc-batch-size) is an error."""
+    path = os.path.join(out_dir, f"{b:06d}.npz")
+    if not os.path.exists(path):
+        return False
+    found = len(np.load(path)["arr_1"])
+    if found != n:
+        raise ValueError(f"{path} holds {found} images, this run expects {n}: it was written with another "
+                         f"--per-proc-batch-size or --num-samples; use another --sample-dir or delete the folder")
+    return True
+
+
+def main(args):
+    """Samples args.num_samples images split across ranks; writes shards, then one .npz and a PNG grid."""
+    torch.set_grad_enabled(False)
+    dist = tu.setup_distributed()
+    device = dist.device
+    args.precision = tu.resolve_precision(args.precision, device)
+    logger = tu.create_logger(None)
+    setup = family_of(args.model)  # unknown names fail before anything is loaded
+    if args.class_labels and any(not 0 <= int(c) < args.num_classes for c in args.class_labels.split(",")):
+        raise ValueError(f"--class-labels must lie in [0, {args.num_classes})")
+
+    # Autoencoder: the one the model was trained on (a train_dit.py run with a random tiny VAE saved it beside it).
+    vae_path = args.vae
+    if vae_path is None:
+        exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+        found = [f for f in sorted(os.listdir(exp_dir)) if f.startswith("vae-")] if os.path.isdir(exp_dir) else []
+        if not found:
+            raise ValueError("--vae is required (the autoencoder the model was trained with)")
+        vae_path = os.path.join(exp_dir, found[0])
+    vae = models.load_autoencoder(vae_path).to(device)
+    logger.info(f"Autoencoder: {vae_path}")
+    generate = setup(args, vae, device)
+
+    # Output folder: one shard per batch, named by batch index; finished shards are kept on rerun.
+    ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]
+    name = (f"{args.model.replace('/', '-')}-{ckpt_name}-{args.weights}-size-{args.image_size}-cfg-{args.cfg_scale}-"
+            f"{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}")
+    out_dir = os.path.join(args.sample_dir, name)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    tu.barrier()
+    n_batches = math.ceil(args.num_samples / args.per_proc_batch_size)
+    mine = [b for b in range(n_batches) if b % dist.world_size == dist.rank]
+    todo = [b for b in mine if not shard_done(out_dir, b, batch_count(args, b))]
+    logger.info(f"Sampling {args.num_samples} images into {out_dir}: {n_batches} batches, {len(mine) - len(todo)} of "
+                f"rank 0's {len(mine)} already done")
+    for b in (tqdm(todo) if dist.is_main else todo):
+        start, n = b * args.per_proc_batch_size, batch_count(args, b)
+        # Every random number of this batch comes from a generator seeded by (seed, batch index).
+        generator = torch.Generator(device).manual_seed(args.global_seed * 1_000_003 + b)
+        labels = batch_labels(args, start, n, generator, device)
+        images = generate(labels, generator)                                  # (n, 3, H, W) in [-1, 1]
+        arr = data.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()          # (n, H, W, 3) uint8 (ADM layout)
+        path = os.path.join(out_dir, f"{b:06d}.npz")
+        tmp = f"{path}.tmp.{os.getpid()}.npz"
+        np.savez(tmp, arr_0=arr, arr_1=labels.cpu().numpy())
+        os.replace(tmp, path)  # atomic: a killed run never leaves half a shard
+    tu.barrier()
+
+    # Gather the shards into one .npz with exactly num_samples images, and a grid of the first ones:
+    if dist.is_main:
+        assert all(shard_done(out_dir, b, batch_count(args, b)) for b in range(n_batches))
+        shards = [np.load(os.path.join(out_dir, f"{b:06d}.npz")) for b in range(n_batches)]
+        images = np.concatenate([s["arr_0"] for s in shards])[: args.num_samples]
+        labels = np.concatenate([s["arr_1"] for s in shards])[: args.num_samples]
+        assert images.shape == (args.num_samples, args.image_size, args.image_size, 3), images.shape
+        npz_path = f"{out_dir}.npz"
+        np.savez(f"{out_dir}.tmp.npz", arr_0=images, arr_1=labels)
+        os.replace(f"{out_dir}.tmp.npz", npz_path)
+        grid = torch.from_numpy(images[: args.grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        data.save_image_grid(grid, f"{out_dir}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
+        logger.info(f"Saved {npz_path} [arr_0 {images.shape} uint8, arr_1 labels] and {out_dir}.png")
+    tu.barrier()
+    tu.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    # Defaults: DiT's FID-50K protocol (sample_ddp.py): 250 ancestral steps, cfg 1.5, 50,000 samples.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", type=str, choices=sorted(PRESETS), default=None)
+    parser.add_argument("--model", type=str, default="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, required=True, help="official weights or a train_dit.py checkpoint")
+    parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
+                        help="which weights of a training checkpoint (official files hold one set)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="autoencoder the model was trained on (default: the vae-*.ckpt beside a tiny run)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=50_000)
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--class-labels", type=str, default=None, help="e.g. 207,360,387 (cycled); default uniform")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 disables classifier-free guidance")
+    parser.add_argument("--cfg-all-channels", action="store_true",
+                        help="guide all latent channels (the official code guides the first three)")
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="autocast for the model (the reference samples in fp32/TF32)")
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--grid-size", type=int, default=64, help="images in the PNG grid")
+    args = tu.apply_preset(parser.parse_args(), parser, PRESETS)
+    main(args)
