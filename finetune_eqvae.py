@@ -1,0 +1,616 @@
+"""
+EQ-VAE fine-tuning (stage 1, the main job): make a pretrained autoencoder's latents equivariant to scaling and
+rotation by decoding *transformed latents* into *transformed images* (Kouzelis et al., arXiv 2502.09509, Sec. 3).
+
+    torchrun --nproc_per_node=8 finetune_eqvae.py --data /imagenet/train --init sd-vae-ft-ema/
+    python finetune_eqvae.py --preset tiny                      # 64 px synthetic data, a few CPU minutes
+
+Default arguments are the settings of the official code (zelaki/eqvae, configs/eqvae_config.yaml): p = 0.5 for the
+equivariance branch, 0.25 low-resolution prior preservation, 24 discrete scales x 3 quarter turns, L1 + LPIPS + 1e-6 KL
++ 0.5 x adaptive hinge PatchGAN from step 0, Adam (0.5, 0.9), lr 4.5e-6 x accumulation x global batch, batch 10 per GPU
+on 8 GPUs, gradient accumulation 2, 256 px.
+
+The method on one screen: sample_tau -> apply_tau -> TauAutoencoder.forward -> eqvae_losses (the two sections below).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import evaluate  # only its equivariance_error (App. C.3), for the dashboard
+import models
+import train_utils as tu
+
+
+#################################################################################
+#                 The EQ-VAE Transformations tau (Sec. 3.3)                     #
+#################################################################################
+
+class Tau(NamedTuple):
+    """One draw of the training transformation: which branch, the scale(s) and the quarter turns."""
+    branch: str                  # "eq" (equivariance), "lowres" or "plain" (both prior preservation)
+    scale: tuple = (1.0, 1.0)    # (s_y, s_x): the latent is resized to (s_y h, s_x w), a whole number of latent pixels
+    k: int = 0                   # quarter turns, torch.rot90(., k, dims=(-1, -2)) as the official code (clockwise)
+
+
+def latent_scales(n):
+    """The official scale set for a latent side n: {m / n : m = n/4, ..., n-1}; n = 32 (256 px) gives 8/32 ... 31/32."""
+    return [m / n for m in range(math.ceil(n / 4), n)]
+
+
+def _draw_scale(rng, n, scales):
+    """One scale for a latent side n: official discrete set, or the paper's U(0.25, 1) snapped to the latent grid."""
+    if scales == "discrete":
+        return rng.choice(latent_scales(n))
+    # Paper Sec. 3.3 draws s ~ U(0.25, 1). The decoded image must be a whole number of latent pixels times the
+    # downsampling factor, so round s * n; image and latent then share the exact same scale m / n.
+    return min(n, max(1, round(rng.uniform(0.25, 1.0) * n))) / n
+
+
+def sample_tau(rng, latent_size, eq_prob=0.5, lowres_prob=0.25, transforms="rot+scale", scales="discrete"):
+    """
+    Draw tau for one training step, in the order the official training_step draws it (python `random` API):
+    with probability eq_prob the equivariance branch (scale and rotation applied together); otherwise prior
+    preservation, at low resolution with probability lowres_prob (50% / 12.5% / 37.5% with the defaults).
+    rng: random.Random or the `random` module; latent_size: (h, w) of the latent of a full-size image.
+    """
+    h, w = latent_size
+    if rng.random() < eq_prob:
+        if transforms == "aniso":  # ablation (Table 5): independent s_x, s_y, plus rotation
+            scale = (_draw_scale(rng, h, scales), _draw_scale(rng, w, scales))
+        elif transforms in ("scale", "rot+scale"):
+            s = _draw_scale(rng, h, scales)
+            scale = (s, s)
+        else:
+            scale = (1.0, 1.0)
+        k = rng.choice([1, 2, 3]) if transforms != "scale" else 0
+        return Tau("eq", scale, k)
+    if rng.random() < lowres_prob:
+        s = _draw_scale(rng, h, scales)
+        return Tau("lowres", (s, s), 0)
+    return Tau("plain")
+
+
+def apply_tau(x, tau, interp="bilinear"):
+    """x: (B, C, H, W) image or latent -> tau x: resize by tau.scale (no antialias), then rotate tau.k quarter turns."""
+    if tau.scale != (1.0, 1.0):
+        # size= rather than scale_factor=: the same sampling grid as the official scale_factor=s (checked equal for
+        # all 24 scales at 256 px), and latent and image land on exactly matching sizes at any resolution.
+        size = (round(x.shape[-2] * tau.scale[0]), round(x.shape[-1] * tau.scale[1]))
+        x = F.interpolate(x, size=size, mode=interp, align_corners=False)
+    if tau.k:
+        x = torch.rot90(x, tau.k, dims=(-1, -2))
+    return x
+
+
+class TauAutoencoder(nn.Module):
+    """The autoencoder under tau: x -> (target, x_hat, posterior or codebook loss); one module so DDP can wrap it."""
+
+    def __init__(self, vae, interp="bilinear"):
+        super().__init__()
+        self.vae, self.interp = vae, interp
+        self.is_vq = isinstance(vae, getattr(models, "VQGAN", ()))
+
+    def forward(self, x, tau, sample_noise=None):
+        """
+        x: (B, 3, H, W) in [-1, 1]. Returns target (B, 3, H', W'), x_hat (same shape) and, for a KL-VAE, the
+        posterior of the encoded image (KL is always on the untransformed posterior); for a VQ-GAN, the codebook loss.
+        sample_noise: None (posterior.sample()) or a function shape -> N(0, 1) noise (the --shared-tau test hook).
+        """
+        if tau.branch == "lowres":
+            # Prior preservation at low resolution: the image itself is downscaled, then reconstructed as is.
+            x = apply_tau(x, tau, self.interp)
+        if self.is_vq:
+            # Sec. 3.3: for VQ-GAN, tau acts on the continuous encoder output, before quantisation.
+            z = self.vae.encode(x)
+            aux = None
+        else:
+            aux = posterior = self.vae.encode(x)
+            if sample_noise is None:
+                z = posterior.sample()
+            else:
+                z = posterior.mean + posterior.std * sample_noise(posterior.mean.shape)
+        target = x
+        if tau.branch == "eq":
+            # Eq. 5: decode tau E(x) and compare with tau x -- the same resize and rotation on latent and image.
+            z = apply_tau(z, tau, self.interp)
+            target = apply_tau(x, tau, self.interp)
+        if self.is_vq:
+            z, aux, _ = self.vae.quantize(z)
+        return target, self.vae.decode(z), aux
+
+
+#################################################################################
+#                      The EQ-VAE Objective (one function)                      #
+#################################################################################
+
+# LDM's LPIPSWithDiscriminator learns an output log-variance `logvar` (init 0), but the official optimisers hold
+# only the encoder/decoder/quant convs and the discriminator, so it never moves: nll = rec / exp(0) + 0. We keep
+# the constant so the formula reads as LDM's.
+LOGVAR = 0.0
+MIN_DISC_SIDE = 24  # smallest input of the 3-layer PatchGAN (H / 8 - 2 >= 1 logits)
+
+
+def adaptive_weight(nll, g_loss, last_layer):
+    """LDM/taming: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], constant."""
+    # torch.autograd.grad only returns these gradients: it does not fire DDP's gradient hooks (those run on the
+    # .backward() of the total loss), so under DDP each rank uses its local gradients, as the official Lightning run.
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptual_weight=1.0, kl_weight=1e-6,
+                 disc_weight=0.5, sample_noise=None):
+    """
+    The EQ-VAE training objective for one batch, autoencoder side (Eq. 5 inside LDM's LPIPSWithDiscriminator):
+        rec  = |tau x - D(tau E(x))| + perceptual_weight * LPIPS(tau x, D(tau E(x)))    (tau = identity when not "eq")
+        nll  = sum(rec / exp(logvar) + logvar) / B,   kl = sum(KL(q(z|x) || N(0, I))) / B
+        loss = nll + kl_weight * kl + adaptive_weight * disc_weight * (-mean D(x_hat))
+    model: TauAutoencoder (maybe in DDP); x: (B, 3, H, W) in [-1, 1]; tau: from sample_tau; lpips: (x, y) -> (B,)
+    or None; disc: the (unwrapped) PatchGAN, or None before --disc-start / with --disc-weight 0; last_layer: the
+    decoder's conv_out.weight. Returns a dict: "loss" (to minimise), detached parts, and "target", "x_hat".
+    A VQ-GAN takes taming's loss instead (models.vq_generator_loss): means rather than sums, plus the codebook loss.
+    """
+    target, x_hat, aux = model(x, tau, sample_noise)
+    target, x_hat = target.float(), x_hat.float()
+    zero = torch.zeros((), device=x.device)
+    if tu.unwrap(model).is_vq:
+        lpips_fn = lpips if perceptual_weight > 0 else (lambda a, b: a.new_zeros(a.shape[0]))
+        disc_fn = (lambda y: disc(disc_input(y))) if disc is not None else (lambda y: y.new_zeros(()))
+        loss, parts = models.vq_generator_loss(target, x_hat, aux, lpips_fn, disc_fn, last_layer,
+                                               disc_factor=float(disc is not None), perceptual_weight=perceptual_weight,
+                                               disc_weight=disc_weight)
+        parts["g"] = parts.pop("g_loss")
+        return {"loss": loss, **parts, "target": target, "x_hat": x_hat}
+
+    p_loss = lpips(target, x_hat).float().view(-1, 1, 1, 1) if perceptual_weight > 0 else zero
+    B = x.shape[0]
+    # L1 per pixel plus LPIPS (B, 1, 1, 1) broadcast over every pixel, then summed: LDM sums over C, H, W and divides
+    # by B, so LPIPS effectively weighs C x H x W times one pixel's L1.
+    rec = (target - x_hat).abs() + perceptual_weight * p_loss                   # (B, 3, H', W')
+    nll = (rec / math.exp(LOGVAR) + LOGVAR).sum() / B
+    kl = aux.kl().float().sum() / B                                            # on the posterior of the encoded x
+    loss = nll + kl_weight * kl
+    g_loss, d_weight = zero, zero
+    if disc is not None:
+        g_loss = -disc(disc_input(x_hat)).float().mean()
+        d_weight = adaptive_weight(nll, g_loss, last_layer) * disc_weight
+        loss = loss + d_weight * g_loss                                        # disc_factor 1 from --disc-start on
+    parts = {"nll": nll.detach(), "rec": (target - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
+             "kl": kl.detach(), "g": g_loss.detach(), "d_weight": d_weight}
+    return {"loss": loss, **parts, "target": target, "x_hat": x_hat}
+
+
+def disc_input(img):
+    """The 3-layer PatchGAN needs >= 24 px. Smaller targets occur only at tiny resolutions (64 px: 16 px, never at
+    256 px); they are enlarged by pixel repetition, so every rank runs the same discriminator passes under DDP."""
+    side = min(img.shape[-2:])
+    if side >= MIN_DISC_SIDE:
+        return img
+    return F.interpolate(img, scale_factor=math.ceil(MIN_DISC_SIDE / side), mode="nearest")
+
+
+def discriminator_loss(disc, target, x_hat):
+    """Hinge loss of the PatchGAN on the (transformed) real image and the detached reconstruction."""
+    # Two forward passes, as LDM: BatchNorm normalises real and fake batches separately.
+    logits_real = disc(disc_input(target.detach()))
+    logits_fake = disc(disc_input(x_hat.detach()))
+    return models.hinge_d_loss(logits_real, logits_fake), logits_real.detach().mean(), logits_fake.detach().mean()
+
+
+#################################################################################
+#                 Monitoring: Equivariance Error and Preview                    #
+#################################################################################
+
+@torch.no_grad()
+def equivariance_errors(vae, x, interp="bilinear"):
+    """App. C.3 on a fixed batch, E = posterior mean: {"eq_err_rot": mean over T_r, "eq_err_scale": mean over T_s}."""
+    # evaluate.py owns the metric (the paper's definition); the dashboard reuses it so the numbers agree.
+    errors = evaluate.equivariance_error(evaluate.encoder_fn(vae, "mean"), x, image_interp=interp, latent_interp=interp)
+    summary = evaluate.summarize_equivariance(errors)
+    return {"eq_err_rot": summary["rotation"], "eq_err_scale": summary["scale"]}
+
+
+@torch.no_grad()
+def save_preview(vae, x, path, interp="bilinear"):
+    """The paper's Figure 2 view, one row each: x, D(E(x)), tau x, D(tau E(x)) with tau = (scale 1/2, pi/2)."""
+    model = TauAutoencoder(vae, interp)
+    tau = Tau("eq", (0.5, 0.5), 1)
+    mean = lambda shape: torch.zeros(shape, device=x.device)                # zero noise: decode the posterior mean
+    _, recon, _ = model(x, Tau("plain"), mean)
+    tau_x, tau_recon, _ = model(x, tau, mean)
+    up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="nearest")     # small rows shown at full size
+    grid = torch.cat([x, recon, up(tau_x), up(tau_recon)]).clamp(-1, 1)
+    data.save_image_grid(grid, path, nrow=x.shape[0])
+
+
+#################################################################################
+#                                  Training Loop                                #
+#################################################################################
+
+RESUME_KEYS = ("model", "resolution", "global_batch_size", "grad_accum")  # a different value breaks exact resume
+
+
+def run_name(args):
+    """The run folder: --exp-name, else eqvae-<init name> / eqvae-<config> (stable, so --resume auto finds it)."""
+    if args.exp_name:
+        return args.exp_name
+    if args.init.lower() != "none":
+        return "eqvae-" + os.path.splitext(os.path.basename(os.path.normpath(args.init)))[0]
+    return "eqvae-" + (args.config if args.config and not args.config.lstrip().startswith("{") else f"{args.model}-custom")
+
+
+def build_autoencoder(args):
+    """--init PATH (anything models.load_autoencoder reads) or --init none with --config NAME."""
+    if args.init.lower() == "none":
+        config = args.config or ("vqgan-f16-1024" if args.model == "vq" else "sd-vae")
+        config = json.loads(config) if config.lstrip().startswith("{") else config  # a name or a JSON config dict
+        try:
+            vae = models.VQGAN(config) if args.model == "vq" else models.build_autoencoder(config)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"--config {args.config}: {e}") from e
+    else:
+        try:
+            vae = models.load_autoencoder(args.init)
+        except Exception as e:
+            raise SystemExit(f"--init {args.init}: could not load an autoencoder: {e}") from e
+        kind = "vq" if isinstance(vae, getattr(models, "VQGAN", ())) else "kl"
+        if kind != args.model:
+            raise SystemExit(f"--init {args.init} holds a {'VQ-GAN' if kind == 'vq' else 'KL-VAE'}; pass --model {kind}.")
+    return vae.train()
+
+
+def main(args):
+    """Fine-tune an autoencoder with the EQ-VAE objective."""
+    # Setup DDP:
+    dist = tu.setup_distributed()
+    rank, world, device = dist.rank, dist.world_size, dist.device
+    if args.global_batch_size % world != 0:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}: "
+                         f"use a multiple of {world} (the paper: 10 per GPU x 8 GPUs = 80).")
+    batch = args.global_batch_size // world
+    precision = tu.resolve_precision(args.precision, device)
+
+    # Setup an experiment folder:
+    exp_dir = tu.experiment_dir(args.results_dir, run_name(args))
+    ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    resume_path = tu.resolve_resume(args.resume, ckpt_dir)
+    if resume_path is None and tu.list_checkpoints(ckpt_dir):
+        raise SystemExit(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
+                         f"another --exp-name / --results-dir (nothing was overwritten).")
+    logger = tu.create_logger(exp_dir)
+    metrics = tu.MetricsLog(os.path.join(exp_dir, "metrics.jsonl"))
+    logger.info(f"Experiment directory: {exp_dir} ({world} process(es), {device}, {precision})")
+
+    # Setup data (first: a wrong --data fails before any weights load):
+    dataset = data.build_dataset(args.data, args.resolution, "eqvae", num_images=args.num_images)
+    loader = tu.ResumableLoader(dataset, batch_size=batch, seed=args.global_seed, num_workers=args.num_workers,
+                                pin_memory=device.type == "cuda")
+    steps_per_epoch = max(1, len(loader) // args.grad_accum)
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    logger.info(f"Dataset: {len(dataset):,} images at {args.resolution} px; global batch {args.global_batch_size} "
+                f"({batch} per GPU) x accumulation {args.grad_accum}; {steps_per_epoch:,} steps/epoch, {max_steps:,} steps")
+    preview_x = torch.stack([loader.dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(device)
+
+    # Create model (seeded identically on every rank, so the initial weights do not depend on the world size):
+    torch.manual_seed(args.global_seed)
+    vae = build_autoencoder(args).to(device)
+    is_vq = isinstance(vae, getattr(models, "VQGAN", ()))
+    if args.disc_weight is None:
+        args.disc_weight = 0.8 if is_vq else 0.5  # taming's VQ-GAN config / the EQ-VAE (LDM) config
+    disc = models.NLayerDiscriminator(input_nc=3, ndf=args.disc_ndf, n_layers=3).apply(models.weights_init).to(device)
+    lpips = None
+    if args.perceptual_weight > 0:
+        # .train(), as in the official run: Lightning's .train() reaches the loss module and switches on the dropout
+        # of LPIPS's lin layers (taming builds it with use_dropout=True). Its weights stay frozen.
+        lpips = models.LPIPS(vgg_weights=args.lpips_vgg, lin_weights=args.lpips_lin,
+                             pretrained=not args.lpips_random).to(device).train()
+        tu.requires_grad(lpips, False)
+    ema = None
+    if args.ema_decay > 0:  # off by default: the official trainer keeps no EMA (the released eq-vae-ema does)
+        ema = copy.deepcopy(vae).eval()
+        tu.requires_grad(ema, False)
+    logger.info(f"Autoencoder parameters: {tu.count_params(vae):,}; discriminator: {tu.count_params(disc):,}")
+
+    # Setup optimizer (Adam betas (0.5, 0.9) for both, no weight decay, lr scaled as LDM's main.py does):
+    lr = args.lr if args.lr is not None else args.base_lr * args.grad_accum * args.global_batch_size
+    logger.info(f"Learning rate {lr:.3g} = base {args.base_lr:g} x accumulation {args.grad_accum} x {world} GPU(s) x "
+                f"{batch} per GPU" if args.lr is None else f"Learning rate {lr:.3g} (set with --lr)")
+    opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
+
+    # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG):
+    step = 0
+    if resume_path is not None:
+        ckpt = tu.load_checkpoint(resume_path, required=("model", "disc", "opt", "opt_disc", "step", "config"))
+        config = dict(getattr(vae, "config", {}))
+        if ckpt["config"] != config:
+            diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r} vs now {config.get(k)!r}"
+                    for k in sorted(set(ckpt["config"]) | set(config)) if ckpt["config"].get(k) != config.get(k)]
+            raise SystemExit(f"Cannot resume from {resume_path}: it was made for another autoencoder:\n  " + "\n  ".join(diff))
+        tu.check_resume_args(ckpt["args"], args, RESUME_KEYS)
+        vae.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["disc"])
+        opt_ae.load_state_dict(ckpt["opt"])
+        opt_disc.load_state_dict(ckpt["opt_disc"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else vae.state_dict())
+        loader.load_state_dict(ckpt["loader"])
+        step = ckpt["step"]
+        metrics.truncate_after(step)
+        logger.info(f"Resumed from {resume_path} at step {step}")
+
+    # Prepare models for training:
+    if args.compile:
+        # In place (state-dict keys unchanged) and static shapes: tau changes the image size from step to step, and
+        # inductor's dynamic-shape path failed on these convolutions (torch 2.14, CPU). Each new size compiles once,
+        # up to torch._dynamo's recompile limit; sizes past it run eager. The full-size path (37.5%) is compiled.
+        vae.encoder.compile(dynamic=False)
+        vae.decoder.compile(dynamic=False)
+        disc.compile(dynamic=False)
+    model = TauAutoencoder(vae, args.interp)
+    ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    ddp_model = DDP(model, **ddp_kwargs) if world > 1 else model
+    ddp_disc = DDP(disc, **ddp_kwargs) if world > 1 else disc
+    last_layer = vae.get_last_layer()  # the parameter itself (not through DDP): the adaptive weight's grads go here
+    latent_hw = _latent_size(vae, args.resolution)
+    smallest = round(args.resolution * latent_scales(latent_hw[0])[0])  # the smallest tau x / low-res image
+    if args.perceptual_weight > 0 and smallest < 16:
+        raise SystemExit(f"--resolution {args.resolution} makes {smallest} px targets at the smallest scale, too small "
+                         f"for LPIPS's VGG (>= 16 px): use --resolution >= 64 or --perceptual-weight 0.")
+
+    # Per-rank seeds for the loop (DiT's convention), then every rank's saved RNG states on resume:
+    tu.seed_everything(args.global_seed, rank, world)
+    if resume_path is not None:
+        tu.restore_rng_states(ckpt.get("rng"), logger)
+        del ckpt
+
+    def sample_noise_for(step_, micro):
+        """--shared-tau test hook: the posterior noise of the *global* batch from a seed shared by all ranks; each
+        rank takes its samples (rank r holds global positions r, r + world, ...), so any world size sees the same."""
+        def sample(shape):
+            g = torch.Generator().manual_seed(args.global_seed * 1_000_003 + step_ * args.grad_accum + micro)
+            full = torch.randn((shape[0] * world,) + tuple(shape[1:]), generator=g)
+            return full[rank::world].to(device)
+        return sample
+
+    def save(step_):
+        """Checkpoint everything exact resume needs (collective: every rank's RNG is gathered)."""
+        rng = tu.rng_states()
+        state = {"model": vae.state_dict(), "disc": disc.state_dict(), "opt": opt_ae.state_dict(),
+                 "opt_disc": opt_disc.state_dict(), "scaler": scaler.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None, "step": step_, "loader": loader.state_dict(),
+                 "rng": rng, "config": dict(getattr(vae, "config", {})), "args": vars(args)}
+        path = os.path.join(ckpt_dir, f"{step_:07d}.pt")
+        tu.save_checkpoint(state, path)
+        tu.prune_checkpoints(ckpt_dir, args.keep_last)
+        tu.barrier()
+        logger.info(f"Saved checkpoint to {path}")
+
+    logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
+                f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}")
+    names = ["loss", "nll", "rec", "lpips", "kl", "g", "d_weight", "d", "logits_real", "logits_fake", "eq_share"]
+    if is_vq:
+        names[names.index("kl")] = "codebook"
+    running = torch.zeros(len(names), device=device)
+    log_steps, skipped, start_time = 0, 0, time.time()
+    pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    while step < max_steps:
+        gan = args.disc_weight > 0 and step >= args.disc_start  # LDM's disc_factor: 0 before --disc-start
+        sums = torch.zeros(len(names), device=device)
+        for micro in range(args.grad_accum):
+            x, _ = next(loader)
+            x = x.to(device, non_blocking=True)
+            # Draw tau. Each rank draws its own, as in the official DDP run; --shared-tau draws it from a seed shared
+            # by all ranks (a test hook: 1 GPU x batch B then computes exactly what N GPUs x B/N compute).
+            rng = random.Random(args.global_seed * 1_000_003 + step * args.grad_accum + micro) if args.shared_tau else random
+            tau = sample_tau(rng, latent_hw, args.eq_prob, args.lowres_prob, args.transforms, args.scales)
+            sync = micro == args.grad_accum - 1  # all-reduce gradients only on the last micro-batch
+            # One autoencoder forward serves both updates. Lightning runs training_step twice per batch (generator,
+            # then discriminator), each with a fresh tau and forward: the same distribution, twice the cost.
+            with (nullcontext() if sync or world == 1 else ddp_model.no_sync()):
+                tu.requires_grad(disc, False)  # the generator's GAN term must not touch the discriminator's grads
+                with tu.autocast(precision, device):
+                    out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
+                                       args.perceptual_weight, args.kl_weight, args.disc_weight,
+                                       sample_noise_for(step, micro) if args.shared_tau else None)
+                scaler.scale(out["loss"] / args.grad_accum).backward()  # / accumulation: the mean over micro-batches
+                tu.requires_grad(disc, True)
+            d_loss = logits_real = logits_fake = torch.zeros((), device=device)
+            if gan:
+                with (nullcontext() if sync or world == 1 else ddp_disc.no_sync()):
+                    with tu.autocast(precision, device):
+                        d_loss, logits_real, logits_fake = discriminator_loss(ddp_disc, out["target"], out["x_hat"])
+                    scaler.scale(d_loss / args.grad_accum).backward()
+            parts = [out["loss"].detach(), out["nll"], out["rec"], out["lpips"], out["codebook" if is_vq else "kl"],
+                     out["g"], out["d_weight"], d_loss.detach(), logits_real, logits_fake]
+            sums += torch.stack([p.float() for p in parts] + [torch.tensor(float(tau.branch == "eq"), device=device)])
+        sums /= args.grad_accum
+
+        # Stop on a non-finite loss before the optimiser step, so no broken state is ever applied or saved:
+        tu.check_finite(step + 1, **{n: sums[i] for i, n in enumerate(names) if n != "eq_share"})
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(opt_ae)
+        if gan:
+            scaler.step(opt_disc)  # (no-op if no micro-batch produced discriminator gradients)
+        scaler.update()
+        if scale_before is not None and scaler.get_scale() < scale_before:
+            skipped += 1  # fp16 overflow: GradScaler skipped this step and lowered its scale (normal, not fatal)
+        opt_ae.zero_grad(set_to_none=True)
+        opt_disc.zero_grad(set_to_none=True)
+        if ema is not None:
+            tu.update_ema(ema, vae, args.ema_decay)
+        step += 1
+        pbar.update(1)
+        running += sums
+        log_steps += 1
+
+        # Log loss values (averaged over steps and processes):
+        if step % args.log_every == 0 or step == max_steps:
+            avg = tu.all_reduce_mean(running / log_steps)
+            elapsed = time.time() - start_time
+            row = {n: round(v, 6) for n, v in zip(names, avg.tolist())}
+            row.update(steps_per_sec=round(log_steps / elapsed, 4),
+                       img_per_sec=round(log_steps * args.grad_accum * args.global_batch_size / elapsed, 2),
+                       skipped_steps=skipped)
+            metrics.write(step, **row)
+            pbar.set_postfix(loss=f"{row['loss']:.4g}", rec=f"{row['rec']:.3f}", d_w=f"{row['d_weight']:.3g}")
+            running.zero_()
+            log_steps, start_time = 0, time.time()
+
+        # Preview and equivariance error on a fixed batch (rank 0; the others continue to the next collective):
+        if dist.is_main and (step % args.preview_every == 0 or step == max_steps):
+            vae.eval()
+            with tu.autocast(precision, device):
+                err = equivariance_errors(vae, preview_x, args.interp)
+                save_preview(vae, preview_x, os.path.join(exp_dir, "previews", f"{step:07d}.png"), args.interp)
+            vae.train()
+            metrics.write(step, **err)
+            logger.info(f"step {step}: equivariance error rot {err['eq_err_rot']:.4f}, scale {err['eq_err_scale']:.4f}")
+
+        # Save checkpoint:
+        if step % args.ckpt_every == 0 or step == max_steps:
+            save(step)
+    pbar.close()
+
+    # Export the autoencoder (the EMA one when enabled) as a diffusers folder and an LDM / taming checkpoint:
+    if dist.is_main:
+        final = (ema if ema is not None else vae).eval()
+        if is_vq:
+            models.save_taming(final, os.path.join(exp_dir, "vqgan.ckpt"))
+        else:
+            models.save_diffusers(final, os.path.join(exp_dir, "diffusers"))
+            models.save_ldm(final, os.path.join(exp_dir, "eqvae.ckpt"))
+        logger.info(f"Exported the {'EMA ' if ema is not None else ''}autoencoder to {exp_dir}")
+    tu.barrier()
+    logger.info("Done!")
+    tu.cleanup_distributed()
+    return exp_dir
+
+
+def _latent_size(vae, resolution):
+    """(h, w) of the latent of a full-size image: resolution / 2^(levels - 1)."""
+    f = 2 ** (len(vae.config["ch_mult"]) - 1)
+    return resolution // f, resolution // f
+
+
+#################################################################################
+#                                 Arguments                                     #
+#################################################################################
+
+PRESETS = {
+    # CPU-sized: the tiny autoencoder from scratch on the built-in 64 px synthetic images, a few minutes on 2 cores.
+    # base-lr x 10 keeps the official *effective* lr (7.2e-4) at global batch 16 without accumulation; no LPIPS
+    # (VGG16 would cost ~3x the tiny autoencoder and needs downloaded weights; pass --perceptual-weight 1 to use it).
+    "tiny": dict(data="synthetic", resolution=64, init="none", config="tiny", global_batch_size=16, grad_accum=1,
+                 base_lr=4.5e-5, max_steps=300, perceptual_weight=0.0, disc_ndf=32, num_images=2048, log_every=10,
+                 ckpt_every=100, preview_every=100, num_workers=0),
+}
+
+
+def get_parser():
+    # Default args here fine-tune SD-VAE with the settings of the official EQ-VAE code (configs/eqvae_config.yaml).
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="change the defaults you did not pass")
+    p.add_argument("--data", type=str, default=None, help="image folder (ImageNet/OpenImages train) or 'synthetic'")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--num-images", type=int, default=None, help="use only the first N images")
+    p.add_argument("--model", choices=["kl", "vq"], default="kl", help="KL-VAE (SD-VAE, SDXL-VAE) or VQ-GAN")
+    p.add_argument("--init", type=str, default=None, help="pretrained autoencoder (diffusers folder, LDM/taming "
+                   "checkpoint, ours), or 'none' to train --config from scratch")
+    p.add_argument("--config", type=str, default=None, help="architecture for --init none: sd-vae, sdxl-vae, tiny "
+                   "(KL) or vqgan-f16-1024, tiny (VQ)")
+    p.add_argument("--results-dir", type=str, default="results")
+    p.add_argument("--exp-name", type=str, default=None, help="run folder under --results-dir (default from --init)")
+    # EQ-VAE (Sec. 3.3; official code: p_prior 0.5, p_prior_s 0.25, 24 discrete scales, bilinear)
+    p.add_argument("--eq-prob", type=float, default=0.5, help="probability of the equivariance branch (p_alpha); "
+                   "0 is the plain fine-tune control of Table 6 (add --lowres-prob 0 for full-resolution only)")
+    p.add_argument("--lowres-prob", type=float, default=0.25, help="prior preservation: share at low resolution")
+    p.add_argument("--transforms", choices=["rot", "scale", "rot+scale", "aniso"], default="rot+scale",
+                   help="Table 5: rotations, scalings, both, or anisotropic scaling + rotation")
+    p.add_argument("--scales", choices=["discrete", "uniform"], default="discrete",
+                   help="official 8/32..31/32 (x latent side) or the paper's U(0.25, 1) on the latent grid")
+    p.add_argument("--interp", choices=["bilinear", "bicubic"], default="bilinear",
+                   help="resize of latent and image (official: bilinear; the paper text: bicubic)")
+    # Loss (LDM LPIPSWithDiscriminator as configured for EQ-VAE)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0 = L1 only)")
+    p.add_argument("--disc-weight", type=float, default=None, help="default 0.5 (KL, EQ-VAE config), 0.8 (VQ, taming)")
+    p.add_argument("--disc-start", type=int, default=0, help="step at which the GAN starts (SD-VAE's own training: 50001)")
+    p.add_argument("--disc-ndf", type=int, default=64, help="PatchGAN width")
+    p.add_argument("--lpips-vgg", type=str, default=None, help="vgg16-397923af.pth (default: torch hub cache)")
+    p.add_argument("--lpips-lin", type=str, default=None, help="LPIPS v0.1 vgg.pth lin layers (default: hub cache)")
+    p.add_argument("--lpips-random", action="store_true", help="tests/benchmarks only: random LPIPS weights")
+    # Optimisation (paper: 8 GPUs x batch 10, accumulation 2, 5 epochs; lr 4.5e-6 x 2 x 80 = 7.2e-4)
+    p.add_argument("--global-batch-size", type=int, default=80, help="images per forward over all GPUs")
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--base-lr", type=float, default=4.5e-6, help="scaled by accumulation x global batch")
+    p.add_argument("--lr", type=float, default=None, help="set the learning rate directly (no scaling)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the autoencoder, e.g. 0.9999 (0 = off, "
+                   "as the official trainer)")
+    # System
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--global-seed", type=int, default=23, help="23: the official main.py's seed")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=2000)
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 = all)")
+    p.add_argument("--preview-every", type=int, default=1000)
+    p.add_argument("--resume", type=str, default=None, help="'auto' (newest in the run folder) or a checkpoint path")
+    p.add_argument("--shared-tau", action="store_true", help="test hook: tau and posterior noise from a seed shared "
+                   "by all ranks, so N GPUs x B/N reproduce 1 GPU x B exactly")
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        # A preset fills in only the options not typed. Parse again without defaults to see which were typed:
+        # comparing with the default (train_utils.apply_preset) would drop an explicit `--perceptual-weight 1`.
+        probe = get_parser()
+        for action in probe._actions:
+            action.default = argparse.SUPPRESS
+        typed = vars(probe.parse_args(argv))
+        for key, value in PRESETS[args.preset].items():
+            if key not in typed:
+                setattr(args, key, value)
+    if args.data is None:
+        parser.error("--data is required (an image folder, or 'synthetic'); or use --preset tiny")
+    if args.init is None:
+        parser.error("--init is required: a pretrained autoencoder (diffusers folder or checkpoint, e.g. "
+                     "sd-vae-ft-ema/), or 'none' with --config NAME to train from scratch")
+    for name in ("eq_prob", "lowres_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.grad_accum < 1 or args.global_batch_size < 1:
+        parser.error("--grad-accum and --global-batch-size must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except tu.NonFiniteLossError as e:  # a clear one-line message; nothing was saved after the last good step
+        raise SystemExit(f"error: {e}")
+    finally:
+        tu.cleanup_distributed()

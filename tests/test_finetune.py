@@ -1,0 +1,325 @@
+"""EQ-VAE fine-tuning: the tau sampler and its application, the loss parts, DDP equivalence, exact resume, bad input."""
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.stats import chi2
+
+import finetune_eqvae as fe
+import models
+import train_utils as tu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The smallest useful KL-VAE: f8 (64 px -> 8 x 8 latents; 64 px keeps the smallest low-res target at 16 px, which
+# LPIPS's VGG needs), 8 channels, 8 GroupNorm groups.
+TINY = '{"ch": 8, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "resolution": 64, "norm_num_groups": 8}'
+
+
+def run_args(results_dir, *extra):
+    """A few-step CPU run of the real script on 64 px synthetic images (no LPIPS: VGG16 would be 20x the cost;
+    the LPIPS term is checked in test_nll_and_kl_are_summed_and_divided_by_batch)."""
+    return ["--data", "synthetic", "--resolution", "64", "--num-images", "64", "--init", "none", "--config", TINY,
+            "--global-batch-size", "4", "--grad-accum", "2", "--lr", "1e-3", "--disc-ndf", "8", "--perceptual-weight", "0",
+            "--num-workers", "0", "--log-every", "1", "--preview-every", "1000", "--ckpt-every", "2",
+            "--keep-last", "0", "--results-dir", str(results_dir), "--exp-name", "run", *extra]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process runs are tiny: one thread (two thrash on a loaded 2-core machine, 10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def final_checkpoint(results_dir):
+    return tu.load_checkpoint(tu.list_checkpoints(os.path.join(results_dir, "run", "checkpoints"))[-1])
+
+
+#################################################################################
+#                             tau: sampler and application                     #
+#################################################################################
+
+def test_sample_tau_official_choices_and_mix():
+    """50% eq (24 scales x 3 quarter turns, uniform), 12.5% low-res (24 scales), 37.5% plain, over many draws."""
+    rng, n = random.Random(0), 40000
+    draws = [fe.sample_tau(rng, (32, 32)) for _ in range(n)]
+    branches = Counter(t.branch for t in draws)
+    expected = {"eq": 0.5 * n, "lowres": 0.125 * n, "plain": 0.375 * n}
+    stat = sum((branches[b] - e) ** 2 / e for b, e in expected.items())
+    assert stat < chi2.ppf(0.999, 2), (branches, stat)
+
+    official_scales = {s / 32 for s in range(8, 32)}  # the official list, written out independently
+    eq = Counter((t.scale, t.k) for t in draws if t.branch == "eq")
+    assert set(eq) == {((s, s), k) for s in official_scales for k in (1, 2, 3)}  # all 72, nothing else
+    e = sum(eq.values()) / 72
+    assert sum((c - e) ** 2 / e for c in eq.values()) < chi2.ppf(0.999, 71)
+
+    low = Counter(t.scale for t in draws if t.branch == "lowres")
+    assert set(low) == {(s, s) for s in official_scales} and all(t.k == 0 for t in draws if t.branch != "eq")
+    assert all(t.scale == (1.0, 1.0) for t in draws if t.branch == "plain")
+
+
+def test_sample_tau_variants():
+    rng = random.Random(1)
+    draw = lambda n=2000, **kw: [fe.sample_tau(rng, (32, 32), eq_prob=1.0, **kw) for _ in range(n)]
+    assert all(t.scale == (1.0, 1.0) and t.k in (1, 2, 3) for t in draw(transforms="rot"))
+    assert all(t.k == 0 and t.scale[0] == t.scale[1] < 1 for t in draw(transforms="scale"))
+    aniso = draw(transforms="aniso")
+    assert sum(t.scale[0] != t.scale[1] for t in aniso) > 0.9 * len(aniso) and all(t.k for t in aniso)
+    # The paper's s ~ U(0.25, 1) on the latent grid: multiples of 1/32 in [8/32, 32/32], all of them reached.
+    uni = Counter(t.scale[0] for t in draw(scales="uniform", transforms="scale"))
+    assert set(uni) == {m / 32 for m in range(8, 33)}
+    assert all(fe.sample_tau(rng, (32, 32), eq_prob=0.0).branch != "eq" for _ in range(200))  # Table 6 control
+
+
+class PointwiseAE(nn.Module):
+    """A linear 1x1 'autoencoder' (3 -> 4 -> 3, f = 1): commutes with any resize and rotation, hence exactly
+    equivariant; with `bias_map` a fixed position-dependent latent offset breaks that."""
+
+    def __init__(self, bias_map=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.A = torch.randn(4, 3, generator=g)
+        self.A_pinv = torch.linalg.pinv(self.A)  # left inverse: A_pinv @ A = I
+        self.bias_map = bias_map
+
+    def _offset(self, h, w):
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        return (torch.sin(7 * xx) + torch.cos(5 * yy))[None, None] if self.bias_map else 0.0
+
+    def encode(self, x):
+        z = torch.einsum("oc,bchw->bohw", self.A, x) + self._offset(*x.shape[-2:])
+        return models.DiagonalGaussianDistribution(torch.cat([z, torch.full_like(z, -30.0)], 1))
+
+    def decode(self, z):
+        return torch.einsum("co,bohw->bchw", self.A_pinv, z - self._offset(*z.shape[-2:]))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_latent_and_image_receive_the_same_tau(interp):
+    """With an exactly equivariant autoencoder D(tau E(x)) == tau x for every tau; not so for a non-equivariant one."""
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    zero = lambda shape: torch.zeros(shape)
+    taus = [fe.Tau("eq", (m / 32, m / 32), k) for m in (8, 13, 31) for k in (1, 2, 3)]
+    taus += [fe.Tau("eq", (9 / 32, 20 / 32), 1), fe.Tau("lowres", (12 / 32, 12 / 32)), fe.Tau("plain")]
+    good, bad = fe.TauAutoencoder(PointwiseAE(), interp), fe.TauAutoencoder(PointwiseAE(True), interp)
+    for tau in taus:
+        target, x_hat, _ = good(x, tau, zero)
+        h, w = round(32 * tau.scale[0]), round(32 * tau.scale[1])
+        assert target.shape[-2:] == ((w, h) if tau.k % 2 else (h, w))
+        torch.testing.assert_close(x_hat, target, atol=1e-5, rtol=0)
+        # Independent construction of tau x for the equivariance branch: resize, then rot90 over (-1, -2).
+        if tau.branch == "eq":
+            ref = torch.rot90(F.interpolate(x, size=(h, w), mode=interp, align_corners=False), tau.k, (-1, -2))
+            torch.testing.assert_close(target, ref, atol=0, rtol=0)
+        target, x_hat, _ = bad(x, tau, zero)
+        err = (x_hat - target).abs().max()
+        assert err > 1e-2 if tau.branch == "eq" else err < 1e-5  # the plain/low-res paths never move the latent
+
+
+def test_real_autoencoder_shapes_match_for_every_branch():
+    """f = 8 KL-VAE at 32 px (4 x 4 latents): decoded tau E(x) and tau x have the same size for all choices."""
+    torch.manual_seed(0)
+    model = fe.TauAutoencoder(models.build_autoencoder(json.loads(TINY)))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    for tau in [fe.Tau("eq", (m / 4, m / 4), k) for m in (1, 2, 3) for k in (1, 3)] + [fe.Tau("lowres", (0.25, 0.25))]:
+        target, x_hat, posterior = model(x, tau)
+        assert target.shape == x_hat.shape
+        if tau.branch == "eq":
+            assert posterior.mean.shape[-2:] == (4, 4)  # KL on the posterior of the untransformed image
+
+
+def test_equivariance_error_dashboard():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert max(fe.equivariance_errors(PointwiseAE(), x).values()) < 1e-10
+    assert min(fe.equivariance_errors(PointwiseAE(True), x).values()) > 1e-3
+
+
+#################################################################################
+#                                   Loss parts                                  #
+#################################################################################
+
+def test_adaptive_weight_matches_formula():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(3, 3))
+    x, y = torch.randn(3, 5), torch.randn(3, 5)
+    nll, g = (W @ x).pow(2).sum(), torch.sin(W @ y).sum()
+    # Closed-form gradients: d/dW sum((Wx)^2) = 2 (Wx) x^T, d/dW sum(sin(Wy)) = cos(Wy) y^T.
+    g_nll, g_g = 2 * (W @ x) @ x.T, torch.cos(W @ y) @ y.T
+    expected = g_nll.norm() / (g_g.norm() + 1e-4)
+    torch.testing.assert_close(fe.adaptive_weight(nll, g, W), expected.detach())
+    assert fe.adaptive_weight(nll * 1e9, g * 0, W).item() == 1e4  # clamped to [0, 1e4]
+
+
+def test_hinge_loss_known_values():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    expected = 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)
+    assert math.isclose(models.hinge_d_loss(real, fake).item(), expected, rel_tol=1e-6)
+    # The training step's discriminator_loss: two PatchGAN passes (real = the transformed target, fake = detached x_hat).
+    disc = lambda img: img.mean(dim=(1, 2, 3))  # a "PatchGAN" whose logits are the image means
+    target, x_hat = real.view(3, 1, 1, 1).expand(3, 3, 24, 24), fake.view(3, 1, 1, 1).expand(3, 3, 24, 24)
+    d, lr_, lf_ = fe.discriminator_loss(disc, target, x_hat.requires_grad_())
+    assert math.isclose(d.item(), expected, rel_tol=1e-6) and math.isclose(lr_.item(), 0.5, rel_tol=1e-6)
+    assert not d.requires_grad  # the reconstruction is detached: the discriminator loss never reaches the autoencoder
+
+
+class FixedOutputs(nn.Module):
+    """Stands in for TauAutoencoder: returns a fixed target, reconstruction and posterior."""
+    is_vq = False
+
+    def __init__(self, target, x_hat, posterior):
+        super().__init__()
+        self.out = (target, x_hat, posterior)
+
+    def forward(self, x, tau, sample_noise=None):
+        return self.out
+
+
+def test_nll_and_kl_are_summed_and_divided_by_batch():
+    # B = 2 images of 3 x 2 x 2 = 12 values; |target - x_hat| = 0.5 and 1.5; LPIPS 0.2 and 0.4 (broadcast per pixel).
+    target = torch.zeros(2, 3, 2, 2)
+    x_hat = torch.cat([torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), -1.5)])
+    # Posterior: mean 1, logvar 0 everywhere on a (2, 1, 1, 1) latent -> KL = 0.5 * (1 + 1 - 1 - 0) = 0.5 per image.
+    posterior = models.DiagonalGaussianDistribution(torch.cat([torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)], 1))
+    lpips = lambda a, b: torch.tensor([0.2, 0.4])
+    out = fe.eqvae_losses(FixedOutputs(target, x_hat, posterior), target, fe.Tau("plain"), lpips=lpips,
+                          perceptual_weight=1.0, kl_weight=1e-6)
+    nll = (12 * (0.5 + 0.2) + 12 * (1.5 + 0.4)) / 2
+    assert math.isclose(out["nll"].item(), nll, rel_tol=1e-6)
+    assert math.isclose(out["kl"].item(), (0.5 + 0.5) / 2, rel_tol=1e-6)
+    assert math.isclose(out["loss"].item(), nll + 1e-6 * 0.5, rel_tol=1e-6)
+    assert math.isclose(out["rec"].item(), 1.0, rel_tol=1e-6) and math.isclose(out["lpips"].item(), 0.3, rel_tol=1e-6)
+
+
+#################################################################################
+#                   Whole runs: DDP, resume, non-finite loss, bad input         #
+#################################################################################
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """2 ranks x batch 2 == 1 rank x batch 4 after 2 steps with accumulation 2. They must agree only where the math
+    is the same: no GAN (--disc-weight 0: the PatchGAN's BatchNorm normalises per process and the adaptive weight
+    uses each rank's local gradients) and --shared-tau (the test hook: tau and posterior noise drawn from a seed
+    shared by all ranks; normally each rank draws its own)."""
+    extra = ["--max-steps", "2", "--disc-weight", "0", "--shared-tau"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(ROOT, "finetune_eqvae.py"),
+           *run_args(tmp_path / "two", *extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fe.main(fe.parse_args(run_args(tmp_path / "one", *extra)))
+    two, one = final_checkpoint(tmp_path / "two"), final_checkpoint(tmp_path / "one")
+    assert two["step"] == one["step"] == 2
+    # Elements whose gradient is zero in exact arithmetic (a conv bias right before a one-channel GroupNorm, the
+    # attention key bias) get only rounding noise, which Adam normalises to +-lr whatever its size: they differ with
+    # any change of summation order, so they are only bounded (by lr x steps); all others must agree closely.
+    names = [n for n, _ in models.build_autoencoder(json.loads(TINY)).named_parameters()]
+    lr, checked = 1e-3, 0
+    for i, name in enumerate(names):
+        a, b = two["model"][name], one["model"][name]
+        informative = one["opt"]["state"][i]["exp_avg_sq"].sqrt() > 1e-4  # noise: ~1e-6, real: > 1e-3
+        torch.testing.assert_close(a[informative], b[informative], rtol=1e-4, atol=1e-6, msg=f"{name} differs")
+        assert (a - b).abs().max() <= 2 * lr * 2 + 1e-6
+        checked += informative.sum().item()
+    assert checked > 0.95 * sum(v.numel() for v in one["model"].values())
+
+
+def test_two_gloo_processes_with_gan_and_vq(tmp_path):
+    """The full objective under DDP (GAN, adaptive weight via autograd.grad, no_sync micro-steps, each rank its own
+    tau, so 16 px targets on one rank and 64 px on another) runs through; and the VQ-GAN path in one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(ROOT, "finetune_eqvae.py"),
+           *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "gan" / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 3 and all(r["d_weight"] > 0 and r["d"] > 0 for r in rows)
+
+    args = run_args(tmp_path / "vq", "--model", "vq", "--max-steps", "1", "--grad-accum", "1")
+    args[args.index(TINY)] = "tiny"
+    fe.main(fe.parse_args(args))
+    assert isinstance(models.load_autoencoder(str(tmp_path / "vq" / "run" / "vqgan.ckpt")), models.VQGAN)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Killed after step 2 (its checkpoint) and resumed == straight 4 steps, exactly, GAN and EMA included."""
+    extra = ["--ema-decay", "0.9"]
+    fe.main(fe.parse_args(run_args(tmp_path / "straight", "--max-steps", "4", *extra)))
+    fe.main(fe.parse_args(run_args(tmp_path / "resumed", "--max-steps", "2", *extra)))
+    fe.main(fe.parse_args(run_args(tmp_path / "resumed", "--max-steps", "4", "--resume", "auto", *extra)))
+    a, b = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 4 and a["loader"] == b["loader"]
+    for part in ("model", "disc", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
+    assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
+    assert all(torch.equal(a["opt"]["state"][i]["exp_avg"], b["opt"]["state"][i]["exp_avg"]) for i in a["opt"]["state"])
+    # The run folder also holds the exports, and they load back.
+    assert models.load_autoencoder(os.path.join(tmp_path, "resumed", "run", "diffusers")) is not None
+
+    # Bad input on the same folder: a fresh run would overwrite it; resuming with another architecture.
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        fe.main(fe.parse_args(run_args(tmp_path / "resumed", "--max-steps", "6")))
+    other = TINY.replace('"ch": 8', '"ch": 16')
+    args = run_args(tmp_path / "resumed", "--max-steps", "6", "--resume", "auto")
+    args[args.index(TINY)] = other
+    with pytest.raises(SystemExit, match=r"another autoencoder:\s+ch: checkpoint 8 vs now 16"):
+        fe.main(fe.parse_args(args))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = fe.eqvae_losses
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 3, first micro-batch (2 micro-batches per step)
+            out["kl"] = out["kl"] * float("nan")
+        return out
+
+    monkeypatch.setattr(fe, "eqvae_losses", poisoned)
+    with pytest.raises(tu.NonFiniteLossError, match=r"step 3: kl"):
+        fe.main(fe.parse_args(run_args(tmp_path, "--max-steps", "4")))
+    ckpts = tu.list_checkpoints(os.path.join(tmp_path, "run", "checkpoints"))
+    assert [os.path.basename(p) for p in ckpts] == ["0000002.pt"]
+    assert tu.load_checkpoint(ckpts[0])["step"] == 2
+    assert not os.path.exists(os.path.join(tmp_path, "run", "diffusers"))  # no export of a broken model
+
+
+def test_bad_input_messages(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--init /no/such/vae: could not load"):
+        fe.main(fe.parse_args(run_args(tmp_path, "--init", "/no/such/vae")))
+    with pytest.raises(SystemExit, match="unknown autoencoder 'sd-vea'"):
+        fe.main(fe.parse_args(run_args(tmp_path, "--config", "sd-vea")))
+    fake = lambda: SimpleNamespace(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), is_main=True)
+    monkeypatch.setattr(tu, "setup_distributed", fake)
+    with pytest.raises(SystemExit, match="--global-batch-size 4 is not divisible by the world size 3"):
+        fe.main(fe.parse_args(run_args(tmp_path)))
+
+
+def test_preset_changes_only_untyped_defaults():
+    args = fe.parse_args(["--preset", "tiny", "--perceptual-weight", "1", "--max-steps", "7"])
+    assert (args.perceptual_weight, args.max_steps, args.resolution, args.init) == (1.0, 7, 64, "none")
+    args = fe.parse_args(["--data", "/imagenet/train", "--init", "sd-vae-ft-ema/"])  # the paper's settings
+    assert (args.eq_prob, args.lowres_prob, args.global_batch_size, args.grad_accum, args.disc_start) == (0.5, 0.25, 80, 2, 0)
+    assert args.base_lr * args.grad_accum * args.global_batch_size == pytest.approx(7.2e-4)
