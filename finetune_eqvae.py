@@ -583,16 +583,7 @@ def get_parser():
 def parse_args(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    if args.preset:
-        # A preset fills in only the options not typed. Parse again without defaults to see which were typed:
-        # comparing with the default (train_utils.apply_preset) would drop an explicit `--perceptual-weight 1`.
-        probe = get_parser()
-        for action in probe._actions:
-            action.default = argparse.SUPPRESS
-        typed = vars(probe.parse_args(argv))
-        for key, value in PRESETS[args.preset].items():
-            if key not in typed:
-                setattr(args, key, value)
+    tu.apply_preset(args, parser, PRESETS, argv)  # a preset fills in only the options not typed
     if args.data is None:
         parser.error("--data is required (an image folder, or 'synthetic'); or use --preset tiny")
     if args.init is None:

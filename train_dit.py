@@ -240,7 +240,7 @@ def get_args(argv=None):
     parser.add_argument("--ckpt-every", type=int, default=50_000)
     parser.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N (0: all)")
     parser.add_argument("--resume", type=str, default=None, help="'auto' (newest in the experiment folder) or a path")
-    args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS)
+    args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS, argv)
     if args.data is None or args.vae is None:
         parser.error("--data and --vae are required (or use --preset tiny)")
     return args

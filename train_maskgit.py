@@ -414,7 +414,7 @@ def get_parser():
 
 def parse_args(argv=None):
     parser = get_parser()
-    args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS)
+    args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS, argv)
     if args.data is None:
         parser.error("--data is required (an image folder, or 'synthetic'); or use --preset tiny")
     if args.global_batch_size < 1 or args.warmup < 0:

@@ -3,6 +3,8 @@ Plumbing every stage shares, and nothing of the method: distributed setup, rank-
 atomic checkpoints and exact resume (RNG states, data position), EMA, and a data loader that can be stopped
 and restarted mid-epoch. The method lives in the stage scripts; this file only keeps them short.
 """
+import argparse
+import copy
 import glob
 import json
 import logging
@@ -144,19 +146,25 @@ def experiment_dir(results_dir, name):
     return path
 
 
-def apply_preset(args, parser, presets):
+def apply_preset(args, parser, presets, argv=None):
     """
-    Fill in a preset's defaults (e.g. --preset tiny) for every option the user did not pass explicitly,
-    so `--preset tiny --batch-size 8` means "tiny, but batch 8".
+    Fill in a preset's defaults (e.g. --preset tiny) for every option the user did not type, so
+    `--preset tiny --batch-size 8` means "tiny, but batch 8" (and typing a default value explicitly keeps it).
+    argv: the arguments parsed into `args` (default sys.argv[1:]).
     """
     if getattr(args, "preset", None) is None:
         return args
     if args.preset not in presets:
         raise SystemExit(f"Unknown preset {args.preset!r}; choose from {sorted(presets)}")
+    # Parse again with every default suppressed: what remains is exactly what was typed.
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    typed = vars(probe.parse_known_args(sys.argv[1:] if argv is None else argv)[0])
     for key, value in presets[args.preset].items():
         if not hasattr(args, key):
             raise KeyError(f"preset {args.preset!r} sets unknown option {key!r}")
-        if getattr(args, key) == parser.get_default(key):
+        if key not in typed:
             setattr(args, key, value)
     return args
 

@@ -147,9 +147,14 @@ def test_apply_preset_only_fills_defaults():
     parser.add_argument("--preset", default=None)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
-    args = parser.parse_args(["--preset", "tiny", "--batch-size", "8"])
-    tu.apply_preset(args, parser, {"tiny": {"batch_size": 16, "lr": 1e-3}})
+    presets = {"tiny": {"batch_size": 16, "lr": 1e-3}}
+    argv = ["--preset", "tiny", "--batch-size", "8"]
+    args = tu.apply_preset(parser.parse_args(argv), parser, presets, argv)
     assert args.batch_size == 8 and args.lr == 1e-3
+    # Typing the default value explicitly still wins over the preset.
+    argv = ["--preset", "tiny", "--batch-size", "256"]
+    args = tu.apply_preset(parser.parse_args(argv), parser, presets, argv)
+    assert args.batch_size == 256 and args.lr == 1e-3
 
 
 def test_precision_resolution():
