@@ -38,6 +38,11 @@ from tqdm import tqdm
 import data
 import models
 import train_utils
+# The equivariance error (App. C.3) lives in models.py, beside the autoencoders, because finetune_eqvae.py's
+# dashboard computes the very same number; evaluate.py re-exports it.
+from models import (decoder_fn, encoder_fn, equivariance_error, is_vq, psnr, rotate, scale,  # noqa: E402,F401
+                    summarize_equivariance)
+to_uint8 = data.to_uint8
 
 
 #################################################################################
@@ -372,11 +377,6 @@ def save_npz(path, images, **extra):
     np.savez(path, arr_0=images, **extra)
 
 
-def to_uint8(x):
-    """(N, 3, H, W) images in [-1, 1] -> uint8 (N, 3, H, W): clamp(127.5 x + 128), the DiT/ADM convention."""
-    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
-
-
 #################################################################################
 #                  Feature extraction (sharded over ranks, cached)               #
 #################################################################################
@@ -646,12 +646,6 @@ def evaluate_samples(samples, ref, model, dist, batch_size=64, cache_dir=None, k
 #                 Reconstruction metrics: PSNR, SSIM (uint8 images)              #
 #################################################################################
 
-def psnr(x, y, peak=255.0):
-    """Per-image PSNR (dB) of (N, C, H, W) images on the uint8 scale: 10 log10(peak^2 / MSE), MSE over C, H, W."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(peak ** 2 / mse)
-
-
 def _gaussian_window(size=11, sigma=1.5, device="cpu"):
     g = torch.exp(-(torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
     return g / g.sum()
@@ -679,95 +673,6 @@ def ssim(x, y, data_range=255.0, window=11, sigma=1.5, k1=0.01, k2=0.03):
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(2, 3)).mean(1)
-
-
-#################################################################################
-#                  Equivariance error (App. C.3) and latent helpers              #
-#################################################################################
-
-def rotate(x, k):
-    """Rotate (N, C, H, W) by k quarter turns (rot90 over dims (-1, -2), as the official EQ-VAE training code)."""
-    return torch.rot90(x, k, dims=(-1, -2))
-
-
-def scale(x, s, mode="bilinear"):
-    """Resize (N, C, H, W) by factor s (output floor(s H) x floor(s W)): F.interpolate(scale_factor=s, bilinear,
-    align_corners=False, no antialias) as the official EQ-VAE training code resizes both image and latent."""
-    if mode in ("bilinear", "bicubic"):
-        return F.interpolate(x, scale_factor=s, mode=mode, align_corners=False)
-    return F.interpolate(x, scale_factor=s, mode=mode)
-
-
-@torch.no_grad()
-def equivariance_error(encode_fn, images, rotations=(1, 2, 3), scales=(0.25, 0.5, 0.75), decode_fn=None,
-                       image_interp="bilinear", latent_interp="bilinear"):
-    """
-    The paper's equivariance error per image (App. C.3): ||tau E(x) - E(tau x)||^2 / ||E(tau x)||^2 for every tau in
-    T_r (quarter turns k) and T_s (scales s). The latent is resized with the same factor as the image, so a 256 px
-    image (32 x 32 latent) scaled by 0.25 gives a 64 px image and an 8 x 8 latent.
-    encode_fn: (N, 3, H, W) images in [-1, 1] -> (N, C, h, w) latents. decode_fn (optional): latents -> images,
-    adds the PSNR between tau x and D(tau E(x)) (the paper's Fig. 3 view).
-    Returns {name: (N,) tensor}: "rot90", "rot180", "rot270", "scale0.25", ... and, with decode_fn, "psnr/<name>".
-    Scaling: the official training code (ldm/models/autoencoder.py) resizes image and latent bilinearly without
-    antialias, the default here; the paper's text (Sec. 3.3) says bicubic for the image: image_interp="bicubic".
-    """
-    z = encode_fn(images).float()
-    taus = [(f"rot{90 * k}", "rot", k) for k in rotations] + [(f"scale{s:g}", "scale", s) for s in scales]
-    out = {}
-    for name, kind, p in taus:
-        if kind == "rot":
-            z_tau, x_tau = rotate(z, p), rotate(images, p)                     # tau E(x), tau x
-        else:
-            z_tau, x_tau = scale(z, p, latent_interp), scale(images, p, image_interp)
-            x_tau = x_tau.clamp(-1, 1)                                        # bicubic overshoots the image range
-        e_tau = encode_fn(x_tau).float()                                      # E(tau x)
-        if e_tau.shape != z_tau.shape:
-            raise ValueError(f"{name}: E(tau x) has shape {tuple(e_tau.shape)} but tau E(x) {tuple(z_tau.shape)}; "
-                             "the image size times the scale must be a multiple of the encoder's stride")
-        out[name] = (z_tau - e_tau).pow(2).flatten(1).sum(1) / e_tau.pow(2).flatten(1).sum(1)
-        if decode_fn is not None:
-            out[f"psnr/{name}"] = psnr(to_uint8(decode_fn(z_tau).float()), to_uint8(x_tau))
-    return out
-
-
-def summarize_equivariance(errors):
-    """Mean per transform and over T_r ("rotation") and T_s ("scale") of equivariance_error's per-image values."""
-    means = {k: float(v.double().mean()) for k, v in errors.items()}
-    for group, prefix in (("rotation", "rot"), ("scale", "scale")):
-        for kind in ("", "psnr/"):
-            keys = [k for k in errors if k.startswith(kind + prefix)]
-            if keys:
-                means[kind + group] = float(np.mean([means[k] for k in keys]))
-    return means
-
-
-def is_vq(vae):
-    """A VQGAN (encode -> continuous latent, quantize) rather than a KL-VAE (encode -> posterior)."""
-    return hasattr(vae, "quantize")
-
-
-def encoder_fn(vae, latent="mean"):
-    """
-    images -> latents. KL-VAE: posterior mean ("mean", the equivariance error's E) or a posterior sample
-    ("sample", what the decoder sees in reconstruction). VQ-GAN: the continuous pre-quantisation latent ("mean")
-    or the quantised one ("sample").
-    """
-    def encode(x):
-        if is_vq(vae):
-            z = vae.encode(x)
-            return vae.quantize(z)[0] if latent == "sample" else z
-        posterior = vae.encode(x)
-        return posterior.sample() if latent == "sample" else posterior.mean
-    return encode
-
-
-def decoder_fn(vae):
-    """latents -> images in [-1, 1]; a VQ-GAN quantises first (Sec. 3.3: tau acts before quantisation)."""
-    def decode(z):
-        if is_vq(vae):
-            z = vae.quantize(z)[0]
-        return vae.decode(z)
-    return decode
 
 
 #################################################################################
@@ -966,7 +871,7 @@ def cmd_recon(args, dist):
         x = x.to(dist.device)
         with train_utils.autocast(args.precision, dist.device):
             x_hat = decode(encode(x)).float()                  # LightningDiT/EQ-VAE protocol: posterior sample
-        ref8, rec8 = to_uint8(x), to_uint8(x_hat)            # metrics on the uint8 images that PNGs would hold
+        ref8, rec8 = data.to_uint8(x), data.to_uint8(x_hat)  # metrics on the uint8 images that PNGs would hold
         cols = [psnr(rec8, ref8), ssim(rec8, ref8)]
         if lpips is not None:
             cols.append(lpips(x_hat, x).double().flatten())  # (official eval: LPIPS on the float decoder output)

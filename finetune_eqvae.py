@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import evaluate  # only its equivariance_error (App. C.3), for the dashboard
 import models
 import train_utils as tu
 
@@ -218,9 +217,9 @@ def discriminator_loss(disc, target, x_hat):
 @torch.no_grad()
 def equivariance_errors(vae, x, interp="bilinear"):
     """App. C.3 on a fixed batch, E = posterior mean: {"eq_err_rot": mean over T_r, "eq_err_scale": mean over T_s}."""
-    # evaluate.py owns the metric (the paper's definition); the dashboard reuses it so the numbers agree.
-    errors = evaluate.equivariance_error(evaluate.encoder_fn(vae, "mean"), x, image_interp=interp, latent_interp=interp)
-    summary = evaluate.summarize_equivariance(errors)
+    # The paper's metric, the very function evaluate.py reports, so the dashboard and the evaluation agree.
+    errors = models.equivariance_error(models.encoder_fn(vae, "mean"), x, image_interp=interp, latent_interp=interp)
+    summary = models.summarize_equivariance(errors)
     return {"eq_err_rot": summary["rotation"], "eq_err_scale": summary["scale"]}
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data  # to_uint8: the one uint8 convention (DESIGN)
+
 
 #################################################################################
 #                  KL Autoencoder (SD-VAE): Building Blocks                     #
@@ -1064,6 +1066,101 @@ def vq_generator_loss(x, x_hat, codebook_loss, lpips, discriminator, last_layer,
     parts = {"nll": nll.detach(), "rec": (x - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
              "codebook": codebook_loss.detach().mean(), "g_loss": g_loss.detach(), "d_weight": d_weight.detach()}
     return loss, parts
+
+
+#################################################################################
+#         Equivariance Error of Latents (App. C.3) and Latent Helpers           #
+#################################################################################
+
+def rotate(x, k):
+    """Rotate (N, C, H, W) by k quarter turns (rot90 over dims (-1, -2), as the official EQ-VAE training code)."""
+    return torch.rot90(x, k, dims=(-1, -2))
+
+
+def scale(x, s, mode="bilinear"):
+    """Resize (N, C, H, W) by factor s (output floor(s H) x floor(s W)): F.interpolate(scale_factor=s, bilinear,
+    align_corners=False, no antialias) as the official EQ-VAE training code resizes both image and latent."""
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(x, scale_factor=s, mode=mode, align_corners=False)
+    return F.interpolate(x, scale_factor=s, mode=mode)
+
+
+@torch.no_grad()
+def equivariance_error(encode_fn, images, rotations=(1, 2, 3), scales=(0.25, 0.5, 0.75), decode_fn=None,
+                       image_interp="bilinear", latent_interp="bilinear"):
+    """
+    The paper's equivariance error per image (App. C.3): ||tau E(x) - E(tau x)||^2 / ||E(tau x)||^2 for every tau in
+    T_r (quarter turns k) and T_s (scales s). The latent is resized with the same factor as the image, so a 256 px
+    image (32 x 32 latent) scaled by 0.25 gives a 64 px image and an 8 x 8 latent.
+    encode_fn: (N, 3, H, W) images in [-1, 1] -> (N, C, h, w) latents. decode_fn (optional): latents -> images,
+    adds the PSNR between tau x and D(tau E(x)) (the paper's Fig. 3 view).
+    Returns {name: (N,) tensor}: "rot90", "rot180", "rot270", "scale0.25", ... and, with decode_fn, "psnr/<name>".
+    Scaling: the official training code (ldm/models/autoencoder.py) resizes image and latent bilinearly without
+    antialias, the default here; the paper's text (Sec. 3.3) says bicubic for the image: image_interp="bicubic".
+    """
+    z = encode_fn(images).float()
+    taus = [(f"rot{90 * k}", "rot", k) for k in rotations] + [(f"scale{s:g}", "scale", s) for s in scales]
+    out = {}
+    for name, kind, p in taus:
+        if kind == "rot":
+            z_tau, x_tau = rotate(z, p), rotate(images, p)                     # tau E(x), tau x
+        else:
+            z_tau, x_tau = scale(z, p, latent_interp), scale(images, p, image_interp)
+            x_tau = x_tau.clamp(-1, 1)                                        # bicubic overshoots the image range
+        e_tau = encode_fn(x_tau).float()                                      # E(tau x)
+        if e_tau.shape != z_tau.shape:
+            raise ValueError(f"{name}: E(tau x) has shape {tuple(e_tau.shape)} but tau E(x) {tuple(z_tau.shape)}; "
+                             "the image size times the scale must be a multiple of the encoder's stride")
+        out[name] = (z_tau - e_tau).pow(2).flatten(1).sum(1) / e_tau.pow(2).flatten(1).sum(1)
+        if decode_fn is not None:
+            out[f"psnr/{name}"] = psnr(data.to_uint8(decode_fn(z_tau).float()), data.to_uint8(x_tau))
+    return out
+
+
+def summarize_equivariance(errors):
+    """Mean per transform and over T_r ("rotation") and T_s ("scale") of equivariance_error's per-image values."""
+    means = {k: float(v.double().mean()) for k, v in errors.items()}
+    for group, prefix in (("rotation", "rot"), ("scale", "scale")):
+        for kind in ("", "psnr/"):
+            keys = [k for k in errors if k.startswith(kind + prefix)]
+            if keys:
+                means[kind + group] = float(np.mean([means[k] for k in keys]))
+    return means
+
+
+def is_vq(vae):
+    """A VQGAN (encode -> continuous latent, quantize) rather than a KL-VAE (encode -> posterior)."""
+    return hasattr(vae, "quantize")
+
+
+def encoder_fn(vae, latent="mean"):
+    """
+    images -> latents. KL-VAE: posterior mean ("mean", the equivariance error's E) or a posterior sample
+    ("sample", what the decoder sees in reconstruction). VQ-GAN: the continuous pre-quantisation latent ("mean")
+    or the quantised one ("sample").
+    """
+    def encode(x):
+        if is_vq(vae):
+            z = vae.encode(x)
+            return vae.quantize(z)[0] if latent == "sample" else z
+        posterior = vae.encode(x)
+        return posterior.sample() if latent == "sample" else posterior.mean
+    return encode
+
+
+def decoder_fn(vae):
+    """latents -> images in [-1, 1]; a VQ-GAN quantises first (Sec. 3.3: tau acts before quantisation)."""
+    def decode(z):
+        if is_vq(vae):
+            z = vae.quantize(z)[0]
+        return vae.decode(z)
+    return decode
+
+
+def psnr(x, y, peak=255.0):
+    """Per-image PSNR (dB) of (N, C, H, W) images on the uint8 scale: 10 log10(peak^2 / MSE), MSE over C, H, W."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(peak ** 2 / mse)
 
 
 #################################################################################
