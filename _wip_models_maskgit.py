@@ -377,26 +377,10 @@ def maskgit_config_from_state_dict(state_dict, num_classes=1000, num_heads=16):
                 depth=depth, num_heads=num_heads, mlp_dim=state_dict["transformer.layers.0.1.fn.net.0.weight"].shape[0])
 
 
-def load_maskgit_weights(model, state_dict):
+def load_maskgit_weights(model, state_dict, source="checkpoint"):
     """model.load_state_dict(state_dict) that names the first missing/unexpected keys and shape mismatches."""
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}  # DDP saves
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or wrong:
-        msg = []
-        if missing:
-            msg.append(f"missing keys (first 5 of {len(missing)}): {missing[:5]}")
-        if unexpected:
-            msg.append(f"unexpected keys (first 5 of {len(unexpected)}): {unexpected[:5]}")
-        if wrong:
-            key = wrong[0]
-            msg.append(f"{len(wrong)} shape mismatches, first {key}: checkpoint {tuple(state_dict[key].shape)} vs "
-                       f"model {tuple(own[key].shape)}")
-        raise ValueError(f"checkpoint does not fit this MaskTransformer ({model.config}): " + "; ".join(msg))
-    model.load_state_dict(state_dict)
-    return model
+    return load_state_dict_checked(model, state_dict, f"{source} (MaskTransformer {model.config})")
 
 
 def load_maskgit(path, use_ema=True, num_classes=1000, num_heads=16):

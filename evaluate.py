@@ -239,23 +239,13 @@ def load_inception(path=None):
 
 
 def load_state_dict_strict(model, state, what):
-    """load_state_dict that names the first missing/unexpected keys and mismatched shapes; the released file has no
-    BatchNorm num_batches_tracked buffers, which are filled with zeros."""
+    """models.load_state_dict_checked; the released file has no BatchNorm num_batches_tracked buffers (zeros)."""
     own = model.state_dict()
     state = dict(state)
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = torch.zeros_like(own[k])
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise KeyError(f"{what}: {len(missing)} missing keys (first: {missing[:5]}), "
-                       f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{what}: tensor {k} has shape {tuple(state[k].shape)}, "
-                             f"the model expects {tuple(v.shape)}")
-    model.load_state_dict(state)
+    models.load_state_dict_checked(model, state, what)
 
 
 #################################################################################

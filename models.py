@@ -543,19 +543,39 @@ def _strip_prefixes(sd):
     return {k: v for k, v in sd.items() if not k.startswith("loss.") and torch.is_tensor(v)}
 
 
-def _load_state_dict_checked(model, sd, source):
-    """load_state_dict(strict) with errors that name the first missing/unexpected keys and any shape mismatch."""
+class CheckpointMismatchError(KeyError, ValueError):
+    """A state dict that does not fit the model built for it (a KeyError for the keys, a ValueError for shapes)."""
+    def __str__(self):
+        return str(self.args[0])  # KeyError would print the message in quotes
+
+
+def load_state_dict_checked(model, sd, source, describe=None):
+    """
+    model.load_state_dict(sd, strict=True) with an error that names the first missing and unexpected keys and the
+    first shape mismatch. describe: optional fn(state_dict) -> str naming the config a state dict was made for
+    (e.g. "DiT-XL/2"), so a checkpoint of another config says which one it is.
+    """
     own = model.state_dict()
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise KeyError(f"{source}: state dict does not match the {type(model).__name__} built for it: "
-                       f"{len(missing)} missing keys (first: {missing[:5]}), "
-                       f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} in the checkpoint but "
-                             f"{tuple(v.shape)} in the model")
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        msg = []
+        if describe is not None:
+            try:
+                msg.append(f"checkpoint is {describe(sd)}, model is {describe(own)}")
+            except (KeyError, ValueError, IndexError):
+                pass  # too far off to describe: the keys below say enough
+        if missing or unexpected:
+            msg.append(f"{len(missing)} missing keys (first 5: {missing[:5]}), "
+                       f"{len(unexpected)} unexpected keys (first 5: {unexpected[:5]})")
+        if wrong:
+            k = wrong[0]
+            msg.append(f"{len(wrong)} shape mismatches, first {k}: shape {tuple(sd[k].shape)} in the checkpoint "
+                       f"vs {tuple(own[k].shape)} in the model")
+        raise CheckpointMismatchError(f"{source}: state dict does not fit the {type(model).__name__} built for it: "
+                                      + "; ".join(msg))
     model.load_state_dict(sd, strict=True)
+    return model
 
 
 def load_autoencoder(path, ema=False):
@@ -578,7 +598,7 @@ def load_autoencoder(path, ema=False):
     elif config is None:
         config = _infer_kl_config(sd, source)  # scaling_factor: SD-VAE's default (set SDXL's 0.13025 yourself)
     vae = KLVAE(config)
-    _load_state_dict_checked(vae, sd, source)
+    load_state_dict_checked(vae, sd, source)
     return vae.eval()
 
 
@@ -683,9 +703,9 @@ class LPIPS(nn.Module):
                          weights_only=True)
         vgg = {k[len("features."):]: v for k, v in vgg.items()
                if k.startswith("features.") and int(k.split(".")[1]) < len(self.features)}
-        _load_state_dict_checked(self.features, vgg, "VGG16 weights")
+        load_state_dict_checked(self.features, vgg, "VGG16 weights")
         lin = torch.load(find_weights("vgg.pth", _LPIPS_VGG_URL, lin_weights), map_location="cpu", weights_only=True)
-        _load_state_dict_checked(self.lins, lin, "LPIPS lin weights")  # keys lin{k}.model.1.weight
+        load_state_dict_checked(self.lins, lin, "LPIPS lin weights")  # keys lin{k}.model.1.weight
 
     def forward(self, x, y):
         """x, y: (N, 3, H, W) in [-1, 1] -> (N,) distances."""
@@ -999,7 +1019,7 @@ def load_vqgan_from_state_dict(sd, source="state dict", config=None):
                              f"{tuple(sd['quantize.embedding.weight'].shape)}) but the config asks for "
                              f"embed_dim={config['embed_dim']}")
     model = VQGAN(config)
-    _load_state_dict_checked(model, sd, source)  # names missing / unexpected keys and shape mismatches
+    load_state_dict_checked(model, sd, source)  # names missing / unexpected keys and shape mismatches
     return model.eval()
 
 
@@ -1522,30 +1542,10 @@ def _describe_dit(cfg):
             f"{cfg['num_classes']} classes)")
 
 
-def load_dit_weights(model, state_dict):
+def load_dit_weights(model, state_dict, source="checkpoint"):
     """model.load_state_dict(state_dict) with errors that say which config the checkpoint was trained for."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or wrong:
-        msg = []
-        try:
-            msg.append(f"checkpoint is {_describe_dit(dit_config_from_state_dict(state_dict))}, "
-                       f"model is {_describe_dit(dit_config_from_state_dict(own))}")
-        except (KeyError, ValueError, IndexError):
-            pass
-        if missing:
-            msg.append(f"missing keys (first 5 of {len(missing)}): {missing[:5]}")
-        if unexpected:
-            msg.append(f"unexpected keys (first 5 of {len(unexpected)}): {unexpected[:5]}")
-        if wrong:
-            k = wrong[0]
-            msg.append(f"{len(wrong)} shape mismatches, first {k}: checkpoint {tuple(state_dict[k].shape)} "
-                       f"vs model {tuple(own[k].shape)}")
-        raise ValueError("checkpoint does not fit this model: " + "; ".join(msg))
-    model.load_state_dict(state_dict)
-    return model
+    return load_state_dict_checked(model, state_dict, source,
+                                   describe=lambda sd: _describe_dit(dit_config_from_state_dict(sd)))
 
 
 #################################################################################
