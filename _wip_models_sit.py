@@ -63,13 +63,15 @@ def build_sit(name, **kwargs):
     return SiT_models[name](**kwargs)
 
 
-def sit_from_state_dict(state_dict, encoder_depth=8, **kwargs):
+def sit_from_state_dict(state_dict, encoder_depth=None, **kwargs):
     """
     Build the SiT or REPA model a state dict was saved from and load it (keys checked, errors name them).
     Learned sigma is read off the output width, REPA's projectors off `projectors.*`; REPA's encoder_depth is not
-    stored in its checkpoints (8 for the released SiT-XL/2 + REPA).
+    stored in its checkpoints: None means 8 (the released SiT-XL/2 + REPA), or the depth of a shallower model
+    (sampling never uses the projectors, so it only has to be valid).
     """
     cfg = dit_config_from_state_dict(state_dict)
+    encoder_depth = min(8, cfg["depth"]) if encoder_depth is None else encoder_depth
     z_dims, proj_dim, i = [], 2048, 0
     while f"projectors.{i}.4.weight" in state_dict:
         z_dims.append(state_dict[f"projectors.{i}.4.weight"].shape[0])

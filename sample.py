@@ -8,7 +8,13 @@ ADM-format .npz that the FID evaluators read (arr_0: uint8 (N, H, W, 3), exactly
 
 Each batch of images is a function of (seed, batch index) alone and is written as its own shard, so the result does
 not depend on the number of processes and an interrupted run picks up the shards it already wrote.
-Model families plug in as one function each (see SAMPLERS); DiT is implemented here.
+Model families plug in as one function each (see SAMPLERS): DiT (ancestral DDPM or DDIM), SiT and SiT + REPA
+(ODE or SDE; the family is read off the checkpoint) and MaskGIT (confidence-based parallel decoding). Options left
+unset take each family's published evaluation settings.
+
+    python sample.py --model SiT-XL/2 --ckpt SiT-XL-2-256.pt --vae sd-vae-ft-ema/               # dopri5 ODE, cfg 1.5
+    python sample.py --model SiT-XL/2 --ckpt repa-4M.pt --vae sd-vae-ft-ema/ --cfg-scale 1.0    # REPA: SDE, 250 steps
+    python sample.py --model maskgit-256 --ckpt MaskGIT_ImageNet_256.pth --vae pretrained_maskgit/VQGAN/
 """
 import argparse
 import math
@@ -28,8 +34,7 @@ import train_utils as tu
 #################################################################################
 
 PRESETS = {
-    "tiny": dict(model="DiT-T/2", image_size=64, num_classes=10, num_samples=32, per_proc_batch_size=16,
-                 num_sampling_steps=50, cfg_scale=1.5),
+    "tiny": dict(model="DiT-T/2", image_size=64, num_classes=10, num_samples=32, per_proc_batch_size=16),
 }
 
 
@@ -45,6 +50,20 @@ def read_weights(path, which):
     return ckpt  # official release: the state dict itself
 
 
+def set_defaults(args, **defaults):
+    """Fill the sampling options the user left unset with a family's published settings."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+@torch.no_grad()
+def latent_shape(vae, image_size, device):
+    """(C, h, w) of the autoencoder's latents at this resolution (a KL posterior's mean, a VQ-GAN's latent)."""
+    z = vae.encode(torch.zeros(1, 3, image_size, image_size, device=device))
+    return tuple((z.mean if hasattr(z, "mean") and not torch.is_tensor(z) else z).shape[1:])
+
+
 def setup_dit(args, vae, device):
     """
     DiT: build the model, load the checkpoint, and return generate(labels (n,), generator) -> images (n, 3, H, W)
@@ -53,8 +72,10 @@ def setup_dit(args, vae, device):
     state_dict = read_weights(args.ckpt, args.weights)
     if "x_embedder.proj.weight" not in state_dict:
         raise ValueError(f"{args.ckpt} is not a DiT checkpoint (first keys: {sorted(state_dict)[:5]})")
-    probe = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
-    C, h, _ = vae.encode(probe).mean.shape[1:]  # latent shape at this resolution
+    set_defaults(args, sampler="ddpm", num_sampling_steps=250, cfg_scale=1.5)  # DiT's FID-50K protocol
+    if args.sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"--sampler for DiT: ddpm or ddim, got {args.sampler!r}")
+    C, h, _ = latent_shape(vae, args.image_size, device)
     model = models.build_dit(args.model, input_size=h, num_classes=args.num_classes,
                              in_channels=models.dit_config_from_state_dict(state_dict)["in_channels"])
     models.load_dit_weights(model, state_dict)  # a checkpoint of another config is an error saying which
@@ -88,10 +109,83 @@ def setup_dit(args, vae, device):
     return generate
 
 
+def setup_sit(args, vae, device):
+    """
+    SiT or SiT + REPA (a checkpoint with projectors): integrate the learned velocity from noise to data, with the
+    probability-flow ODE or the SDE, under each family's own clock (SiT: t = 1 is data; REPA: t = 0 is data).
+    """
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+    state_dict = read_weights(args.ckpt, args.weights)
+    if "x_embedder.proj.weight" not in state_dict:
+        raise ValueError(f"{args.ckpt} is not a SiT / REPA checkpoint (first keys: {sorted(state_dict)[:5]})")
+    targs = ckpt.get("args", {}) if ours else {}
+    targs = targs if isinstance(targs, dict) else vars(targs)
+    model = models.sit_from_state_dict(state_dict, encoder_depth=targs.get("encoder_depth")).to(device).eval()
+    family = "repa" if model.z_dims else "sit"
+    d = models.SAMPLER_DEFAULTS[family]
+    set_defaults(args, mode=d["mode"], cfg_scale=d["cfg_scale"], guidance_low=d["guidance_low"],
+                 guidance_high=d["guidance_high"])
+    set_defaults(args, sampler=d["sampler"] if args.mode == "ode" else "euler-maruyama",
+                 num_sampling_steps=d["ode_steps" if args.mode == "ode" else "sde_steps"])
+    C, h, _ = latent_shape(vae, args.image_size, device)
+    if (model.in_channels, model.x_embedder.num_patches) != (C, (h // model.patch_size) ** 2):
+        raise ValueError(f"the {family.upper()} checkpoint takes {model.in_channels}-channel latents of another size "
+                         f"than the autoencoder gives at {args.image_size} px ({C} x {h} x {h}): pass the autoencoder "
+                         f"and --image-size the model was trained with")
+    sampler = None if args.mode == "sde" else args.sampler
+    cfg_channels = None if args.cfg_all_channels else "default"
+    sf = vae.scaling_factor
+
+    @torch.no_grad()
+    def generate(labels, generator):
+        z = torch.randn(len(labels), C, h, h, generator=generator, device=device)
+        with tu.autocast(args.precision, device):
+            x = models.sample_transport(
+                model, z, labels, family=family, mode=args.mode, sampler=sampler, steps=args.num_sampling_steps,
+                cfg_scale=args.cfg_scale, cfg_channels=cfg_channels, guidance_low=args.guidance_low,
+                guidance_high=args.guidance_high, path_type=targs.get("path_type", "Linear"),
+                prediction=targs.get("prediction", "velocity"), generator=generator)
+        return vae.decode(x.float() / sf)  # latents are unscaled before decoding
+
+    return generate
+
+
+def setup_maskgit(args, vae, device):
+    """
+    MaskGIT: start from all [MASK] tokens and reveal the most confident ones over a few steps (MaskGIT Sec. 3.2),
+    then decode the token grid with the VQ-GAN. --cfg-scale s is the guidance (1 + w) c - w u at its final weight,
+    i.e. Maskgit-pytorch's w = s - 1 (w = 3 by default, ramped up over the steps).
+    """
+    model = models.load_maskgit(args.ckpt, use_ema=args.weights == "ema", num_classes=args.num_classes).to(device)
+    variant_defaults = {"pytorch": (8, 4.0), "jax": (12, 1.0)}  # (steps, cfg scale) of Maskgit-pytorch / MaskGIT
+    set_defaults(args, sampler="pytorch")
+    if args.sampler not in variant_defaults:
+        raise ValueError(f"--sampler for MaskGIT: pytorch or jax, got {args.sampler!r}")
+    set_defaults(args, num_sampling_steps=variant_defaults[args.sampler][0],
+                 cfg_scale=variant_defaults[args.sampler][1])
+    if not isinstance(vae, models.VQGAN):
+        raise ValueError("MaskGIT decodes VQ-GAN tokens: --vae must be the VQ-GAN the model was trained on")
+    grid = latent_shape(vae, args.image_size, device)[1]
+    if (grid, vae.quantize.n_embed) != (model.input_size, model.codebook_size):
+        raise ValueError(f"the MaskGIT checkpoint expects {model.input_size} x {model.input_size} tokens of "
+                         f"{model.codebook_size} codes; the VQ-GAN gives {grid} x {grid} of {vae.quantize.n_embed}")
+
+    @torch.no_grad()
+    def generate(labels, generator):
+        with tu.autocast(args.precision, device):
+            tokens = models.maskgit_sample(model, labels, variant=args.sampler, steps=args.num_sampling_steps,
+                                           cfg_w=args.cfg_scale - 1.0, generator=generator)
+        return vae.decode_indices(tokens)  # (n, 3, H, W) in [-1, 1]
+
+    return generate
+
+
 # Model families by name prefix: (setup function, the table of valid names in models.py). A setup function takes
-# (args, autoencoder, device) and returns generate(labels, generator) -> images in [-1, 1]; SiT/REPA ("SiT-") and
-# MaskGIT ("maskgit") plug in here with one function each.
-SAMPLERS = {"DiT-": (setup_dit, "DiT_models")}
+# (args, autoencoder, device), fills the sampling options left unset, and returns generate(labels, generator) ->
+# images in [-1, 1].
+SAMPLERS = {"DiT-": (setup_dit, "DiT_models"), "SiT-": (setup_sit, "SiT_models"),
+            "maskgit": (setup_maskgit, "MaskGIT_models")}
 
 
 def family_of(name):
@@ -132,6 +226,19 @@ def shard_done(out_dir, b, n):
     return True
 
 
+def default_autoencoder(ckpt_path):
+    """The autoencoder a training run recorded: a MaskGIT checkpoint's "vqgan" path, or the vae-*.ckpt that a run on
+    a random tiny autoencoder saved in its experiment folder."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if os.path.isfile(ckpt_path) else {}
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("vqgan"), str) and os.path.exists(ckpt["vqgan"]):
+        return ckpt["vqgan"]
+    exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    found = [f for f in sorted(os.listdir(exp_dir)) if f.startswith("vae-")] if os.path.isdir(exp_dir) else []
+    if not found:
+        raise ValueError("--vae is required (the autoencoder the model was trained with)")
+    return os.path.join(exp_dir, found[0])
+
+
 def main(args):
     """Samples args.num_samples images split across ranks; writes shards, then one .npz and a PNG grid."""
     torch.set_grad_enabled(False)
@@ -144,13 +251,7 @@ def main(args):
         raise ValueError(f"--class-labels must lie in [0, {args.num_classes})")
 
     # Autoencoder: the one the model was trained on (a train_dit.py run with a random tiny VAE saved it beside it).
-    vae_path = args.vae
-    if vae_path is None:
-        exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
-        found = [f for f in sorted(os.listdir(exp_dir)) if f.startswith("vae-")] if os.path.isdir(exp_dir) else []
-        if not found:
-            raise ValueError("--vae is required (the autoencoder the model was trained with)")
-        vae_path = os.path.join(exp_dir, found[0])
+    vae_path = args.vae or default_autoencoder(args.ckpt)
     vae = models.load_autoencoder(vae_path).to(device)
     logger.info(f"Autoencoder: {vae_path}")
     generate = setup(args, vae, device)
@@ -213,11 +314,20 @@ if __name__ == "__main__":
     parser.add_argument("--num-samples", type=int, default=50_000)
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--class-labels", type=str, default=None, help="e.g. 207,360,387 (cycled); default uniform")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 disables classifier-free guidance")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="1.0 disables classifier-free guidance (default: DiT 1.5, SiT 1.5, REPA 1.8, MaskGIT 4)")
     parser.add_argument("--cfg-all-channels", action="store_true",
-                        help="guide all latent channels (the official code guides the first three)")
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
+                        help="DiT/SiT: guide all latent channels (their official code guides the first three)")
+    parser.add_argument("--sampler", type=str, default=None,
+                        help="DiT: ddpm (default) | ddim; SiT ODE: dopri5 (default) | heun | euler (REPA: euler); "
+                             "MaskGIT: pytorch (default) | jax")
+    parser.add_argument("--mode", type=str, choices=["ode", "sde"], default=None,
+                        help="SiT/REPA: probability-flow ODE (SiT's default) or SDE (REPA's default)")
+    parser.add_argument("--num-sampling-steps", type=int, default=None,
+                        help="default: DiT 250, SiT SDE 250, REPA SDE 250, MaskGIT 8 (jax 12)")
+    parser.add_argument("--guidance-low", type=float, default=None, help="SiT/REPA: guide only for t >= this")
+    parser.add_argument("--guidance-high", type=float, default=None,
+                        help="SiT/REPA: guide only for t <= this (REPA's guidance interval: 0.7)")
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast for the model (the reference samples in fp32/TF32)")
