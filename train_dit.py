@@ -36,8 +36,9 @@ PRESETS = {
 def load_vae(spec, image_size, device, logger):
     """--vae: a name in models.vae_configs (random weights: only for tests and the tiny demo) or a checkpoint path."""
     if spec in models.vae_configs and not os.path.exists(spec):
-        torch.manual_seed(0)  # the same random autoencoder in every process and every run
-        vae = models.build_autoencoder(spec).eval()
+        with torch.random.fork_rng():  # the same random autoencoder everywhere, without resetting the run's seed
+            torch.manual_seed(0)
+            vae = models.build_autoencoder(spec).eval()
         logger.info(f"Autoencoder: {spec!r} built with RANDOM weights (pass --vae PATH for a trained one)")
     else:
         vae = models.load_autoencoder(spec)
