@@ -480,21 +480,28 @@ def build_dataset(data, resolution, transform="center", num_images=None, seed=0)
 
 
 #################################################################################
-#                                 Latent Cache                                  #
+#                            Latent and Token Caches                            #
 #################################################################################
-# Encoding every image with the frozen VAE each step costs more than a DiT-B step (fast-DiT's precomputed latents
-# nearly doubled training speed, REFERENCE 7). The cache stores, for every image and for its horizontal mirror,
-# the posterior mean and std; each read then draws a fresh flip and a fresh z = mean + std * eps, so training on
-# the cache sees the same distribution as encoding on the fly (REPA trains this way too).
+# The autoencoder is frozen in stage 2, so its output for an image never changes, and encoding every image each step
+# costs more than a DiT-B step (fast-DiT's precomputed latents nearly doubled training speed, REFERENCE 7). So each
+# stage 2 script encodes its dataset once, image and horizontal mirror, and trains from the cache:
+# - latents (DiT, SiT, REPA): the posterior mean and std of both; each read then draws a fresh flip and a fresh
+#   z = mean + std * eps, so training on the cache sees the same distribution as encoding on the fly (REPA trains this
+#   way too);
+# - tokens (MaskGIT): the VQ-GAN's code indices of both; each read picks one at random (DiT's random flip). The
+#   MaskGIT reference tokenises inside its loop and draws Resize(256) + RandomCrop(256) each epoch; a cache holds one
+#   crop per image, the ADM center crop (on ImageNet a mild difference: the short side is already resized to 256).
 #
 # Layout of a cache folder:
-#   meta.json              VAE fingerprint, resolution, scaling factor, dataset size, latent shape, shard size
+#   meta.json              autoencoder fingerprint, resolution, dataset size, entry shape, shard size, ...
 #   labels_00000.npy       (n,) int64 class labels of images [k * shard_size, (k + 1) * shard_size)
-#   shard_00000.npy        (n, 2, 2C, h, w) float32: [no flip, flip] x [mean (C) | std (C)]
+#   shard_00000.npy        (n, 2, ...) entries of [no flip, flip]: latents (n, 2, 2C, h, w) float32 holding
+#                          [mean (C) | std (C)]; tokens (n, 2, h, w) uint16 (int32 beyond 65,536 codes)
 # Shards are written to a temporary name and renamed (shard last, so a shard file marks a finished shard); rank r
 # writes shards k with k % world_size == r, so no two ranks touch the same file, and a rerun skips finished shards.
 
 LATENT_CACHE_FORMAT = 1
+TOKEN_CACHE_FORMAT = 1
 
 
 def vae_fingerprint(vae):
@@ -520,90 +527,115 @@ def _cache_barrier():
         torch.distributed.barrier()
 
 
-def _check_cache_meta(cache_dir, found, expected):
-    """A cache built with another VAE, resolution or dataset is an error that names what differs."""
-    keys = ["format", "vae_sha256", "resolution", "scaling_factor", "num_images", "latent_shape", "shard_size"]
-    diff = [f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in keys if found.get(k) != expected[k]]
+def _check_cache_meta(cache_dir, found, expected, checked, what):
+    """A cache built with another autoencoder, resolution or dataset is an error that names what differs."""
+    diff = [f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in checked if found.get(k) != expected[k]]
     if diff:
-        raise ValueError(f"latent cache {cache_dir} was built with different settings (cache VAE "
-                         f"{found.get('vae')!r}, now {expected['vae']!r}):\n  " + "\n  ".join(diff)
-                         + "\nUse another --cache-latents folder, or delete this one to rebuild it.")
+        # The fields that are only recorded (the autoencoder's path, say) help to tell which run built the cache.
+        diff += [f"({k}: cache {found.get(k)!r} vs now {v!r}, not checked)" for k, v in expected.items()
+                 if k not in checked and found.get(k) != v]
+        raise ValueError(f"{what} {cache_dir} was built with different settings:\n  " + "\n  ".join(diff)
+                         + "\nUse another cache folder, or delete this one to rebuild it.")
 
 
 @torch.no_grad()
-def build_latent_cache(vae, dataset, cache_dir, resolution, vae_name="", data_name="", rank=0, world_size=1,
-                       batch_size=32, shard_size=1000, device="cpu", log=print):
+def build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank=0, world_size=1, batch_size=32,
+                        dtype=np.float32, device="cpu", log=print, what="cache"):
     """
-    Encode `dataset` (items (image (3, R, R) in [-1, 1], label), deterministic: no random flip) into cache_dir,
-    this rank's shards only; finished shards are kept. Every rank must call it (it synchronises). Returns meta.
+    Encode `dataset` (items (image (3, R, R) in [-1, 1], label), deterministic: no random flip) into cache_dir, this
+    rank's unfinished shards only: encode_pair(x (B, 3, R, R) on device) -> (B, 2, ...) entries of [image, mirror],
+    stored as dtype. meta (holding num_images and shard_size) is written to meta.json; an existing one must agree on
+    the keys in `checked`. Every rank must call it (it synchronises). Returns meta.
     """
-    device = torch.device(device)
-    probe = vae.encode(dataset[0][0][None].to(device)).mean  # (1, C, h, w): the latent shape for this resolution
-    expected = {"format": LATENT_CACHE_FORMAT, "vae": str(vae_name), "vae_sha256": vae_fingerprint(vae),
-                "resolution": int(resolution), "scaling_factor": float(vae.scaling_factor),
-                "num_images": len(dataset), "latent_shape": list(probe.shape[1:]), "shard_size": int(shard_size),
-                "data": str(data_name)}
+    device, n, shard_size = torch.device(device), len(dataset), int(meta["shard_size"])
     meta_path = os.path.join(cache_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            _check_cache_meta(cache_dir, json.load(f), expected)
+            _check_cache_meta(cache_dir, json.load(f), meta, checked, what)
     _cache_barrier()  # everyone has read (and checked) the old meta before rank 0 may write it
     os.makedirs(cache_dir, exist_ok=True)
     if rank == 0 and not os.path.exists(meta_path):
         tmp = f"{meta_path}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(expected, f, indent=2)
+            json.dump(meta, f, indent=2)
         os.replace(tmp, meta_path)
     _cache_barrier()
 
-    n = len(dataset)
     num_shards = -(-n // shard_size)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not os.path.exists(os.path.join(cache_dir, f"shard_{k:05d}.npy"))]
     if rank == 0:
-        log(f"Latent cache {cache_dir}: {num_shards} shards of {shard_size} images, {len(mine) - len(todo)} of "
-            f"rank 0's {len(mine)} already done")
+        log(f"{what.capitalize()} {cache_dir}: {num_shards} shard(s) of {shard_size} images, "
+            f"{len(mine) - len(todo)} of rank 0's {len(mine)} already done")
     for done, k in enumerate(todo):
         indices = range(k * shard_size, min((k + 1) * shard_size, n))
-        moments, labels = [], []
+        entries, labels = [], []
         for start in range(0, len(indices), batch_size):
             items = [dataset[i] for i in indices[start:start + batch_size]]
             x = torch.stack([im for im, _ in items]).to(device)                   # (B, 3, R, R)
             labels += [int(lab) for _, lab in items]
-            both = []
-            for xi in (x, x.flip(-1)):                                            # DiT's random flip, both ways
-                posterior = vae.encode(xi)
-                both.append(torch.cat([posterior.mean, posterior.std], dim=1))   # (B, 2C, h, w)
-            moments.append(torch.stack(both, dim=1).float().cpu())                # (B, 2, 2C, h, w)
+            entries.append(encode_pair(x).cpu().numpy().astype(dtype))            # (B, 2, ...)
         _atomic_save_npy(os.path.join(cache_dir, f"labels_{k:05d}.npy"), np.asarray(labels, dtype=np.int64))
-        _atomic_save_npy(os.path.join(cache_dir, f"shard_{k:05d}.npy"), torch.cat(moments).numpy())
+        _atomic_save_npy(os.path.join(cache_dir, f"shard_{k:05d}.npy"), np.concatenate(entries))
         if rank == 0:
-            log(f"  latent cache: shard {k + 1}/{num_shards} written (rank 0: {done + 1}/{len(todo)})")
+            log(f"  {what}: shard {k + 1}/{num_shards} written (rank 0: {done + 1}/{len(todo)})")
     _cache_barrier()
-    return expected
+    return meta
 
 
-class LatentCache(torch.utils.data.Dataset):
-    """
-    A finished latent cache as a dataset: item = (unscaled latent (C, h, w), label). mode "sample" draws a random
-    flip (p = 0.5, if flip) and z = mean + std * eps from the global torch RNG (ResumableLoader seeds it per sample
-    and epoch); mode "mean" returns the posterior mean of the unflipped image.
-    """
+@torch.no_grad()
+def build_latent_cache(vae, dataset, cache_dir, resolution, vae_name="", data_name="", rank=0, world_size=1,
+                       batch_size=32, shard_size=1000, device="cpu", log=print):
+    """The KL autoencoder's posterior (mean | std) of every image and its mirror (build_encoded_cache). Returns meta."""
+    probe = vae.encode(dataset[0][0][None].to(device)).mean  # (1, C, h, w): the latent shape for this resolution
+    meta = {"format": LATENT_CACHE_FORMAT, "vae": str(vae_name), "vae_sha256": vae_fingerprint(vae),
+            "resolution": int(resolution), "scaling_factor": float(vae.scaling_factor), "num_images": len(dataset),
+            "latent_shape": list(probe.shape[1:]), "shard_size": int(shard_size), "data": str(data_name)}
 
-    def __init__(self, cache_dir, mode="sample", flip=True):
+    def encode_pair(x):  # (B, 3, R, R) -> (B, 2, 2C, h, w)
+        posteriors = [vae.encode(xi) for xi in (x, x.flip(-1))]  # DiT's random flip, both ways
+        return torch.stack([torch.cat([p.mean, p.std], dim=1) for p in posteriors], dim=1).float()
+
+    checked = ["format", "vae_sha256", "resolution", "scaling_factor", "num_images", "latent_shape", "shard_size"]
+    return build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank, world_size, batch_size,
+                               np.float32, device, log, what="latent cache")
+
+
+@torch.no_grad()
+def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_name="", rank=0, world_size=1,
+                      batch_size=64, shard_size=1000, device="cpu", log=print):
+    """The VQ-GAN's code indices of every image and its mirror (build_encoded_cache). Returns meta."""
+    grid = list(vq.encode_indices(dataset[0][0][None].to(device)).shape[1:])  # (h, w) for this resolution
+    codebook_size = int(vq.quantize.embedding.weight.shape[0])
+    meta = {"format": TOKEN_CACHE_FORMAT, "vqgan": str(vqgan_name), "vqgan_sha256": vae_fingerprint(vq),
+            "resolution": int(resolution), "data": str(data_name), "num_images": len(dataset), "grid": grid,
+            "codebook_size": codebook_size, "shard_size": int(shard_size),
+            "num_classes": len(getattr(dataset, "classes", [])) or None}
+
+    def encode_pair(x):  # (B, 3, R, R) -> (B, 2, h, w), fp32 tokeniser
+        return torch.stack([vq.encode_indices(xi) for xi in (x, x.flip(-1))], dim=1)
+
+    checked = ["format", "vqgan_sha256", "resolution", "data", "num_images", "grid", "codebook_size", "shard_size"]
+    return build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank, world_size, batch_size,
+                               np.uint16 if codebook_size <= 2 ** 16 else np.int32, device, log, what="token cache")
+
+
+class EncodedCache(torch.utils.data.Dataset):
+    """A finished cache's shards, memory-mapped; subclasses turn an image's [image, mirror] entry into an item."""
+    what = "cache"
+
+    def __init__(self, cache_dir, flip=True):
         meta_path = os.path.join(cache_dir, "meta.json")
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{cache_dir} is not a latent cache (no meta.json)")
+            raise FileNotFoundError(f"{cache_dir} is not a {self.what} (no meta.json)")
         with open(meta_path) as f:
             self.meta = json.load(f)
-        if mode not in ("sample", "mean"):
-            raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
-        self.cache_dir, self.mode, self.flip = cache_dir, mode, flip
+        self.cache_dir, self.flip = cache_dir, flip
         self.shard_size = self.meta["shard_size"]
         num_shards = -(-self.meta["num_images"] // self.shard_size)
         missing = [k for k in range(num_shards) if not os.path.exists(self._path("shard", k))]
         if missing:
-            raise FileNotFoundError(f"latent cache {cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
+            raise FileNotFoundError(f"{self.what} {cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
                                     f"missing (first: {missing[:3]}); rerun the same command to finish it")
         self.labels = np.concatenate([np.load(self._path("labels", k)) for k in range(num_shards)])
         self._shards = {}  # memory maps, opened lazily (and per loader worker)
@@ -614,26 +646,44 @@ class LatentCache(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, index):
+    def _entry(self, index, side):
+        """Item `index`'s stored entry for side 0 (image) or 1 (mirror), copied out of its shard's memory map."""
         k, j = divmod(index, self.shard_size)
         if k not in self._shards:
             self._shards[k] = np.load(self._path("shard", k), mmap_mode="r")
-        moments = torch.from_numpy(np.array(self._shards[k][j]))  # (2, 2C, h, w)
+        return np.array(self._shards[k][j, side])
+
+    def _random_side(self):
+        """DiT's random flip (p = 0.5) from the global torch RNG, which ResumableLoader seeds per sample and epoch."""
+        return int(torch.rand(()) < 0.5) if self.flip else 0
+
+
+class LatentCache(EncodedCache):
+    """
+    A finished latent cache as a dataset: item = (unscaled latent (C, h, w), label). mode "sample" draws a random
+    flip (if flip) and z = mean + std * eps, a fresh posterior sample at every read; mode "mean" returns the posterior
+    mean of the unflipped image.
+    """
+    what = "latent cache"
+
+    def __init__(self, cache_dir, mode="sample", flip=True):
+        if mode not in ("sample", "mean"):
+            raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        super().__init__(cache_dir, flip)
+        self.mode = mode
+
+    def __getitem__(self, index):
+        side = 0 if self.mode == "mean" else self._random_side()
+        mean, std = torch.from_numpy(self._entry(index, side)).chunk(2, dim=0)  # (C, h, w) each
         if self.mode == "mean":
-            return moments[0].chunk(2, dim=0)[0], int(self.labels[index])
-        side = int(torch.rand(()) < 0.5) if self.flip else 0
-        mean, std = moments[side].chunk(2, dim=0)                 # (C, h, w) each
+            return mean, int(self.labels[index])
         return mean + std * torch.randn_like(mean), int(self.labels[index])
 
 
-#################################################################################
-#  Work-in-progress sections (see models.py): merged verbatim before landing.   #
-#################################################################################
-def _load_wip_sections():
-    import glob
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wip_data_*.py"))):
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), globals())
+class TokenCache(EncodedCache):
+    """A finished token cache as a dataset: item = (tokens (h, w) long, label), the mirror's on a random flip."""
+    what = "token cache"
 
-
-_load_wip_sections()
+    def __getitem__(self, index):
+        tokens = torch.from_numpy(self._entry(index, self._random_side()).astype(np.int64))  # (h, w)
+        return tokens, int(self.labels[index])

@@ -13,11 +13,9 @@ and cached on disk, so the VQ-GAN never runs inside the training loop.
 """
 import argparse
 import copy
-import json
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,128 +24,6 @@ from tqdm import tqdm
 import data
 import models
 import train_utils as tu
-
-
-#################################################################################
-#                                  Token Cache                                  #
-#################################################################################
-# The reference tokenises every batch with the VQ-GAN inside its loop. The VQ-GAN is frozen, so its tokens for an
-# image never change: we tokenise the dataset once, image and horizontal mirror, and each read picks one of the two
-# at random (DiT's random flip). One difference: a cache holds one crop per image, the ADM center crop, where the
-# reference draws Resize(256) + RandomCrop(256) each epoch (on ImageNet a mild augmentation: the short side is
-# already resized to 256). Layout of a cache folder (as data.py's latent cache):
-#   meta.json              VQ-GAN fingerprint, resolution, dataset, token grid, codebook size, shard size
-#   labels_00000.npy       (n,) int64 class labels of images [k * shard_size, (k + 1) * shard_size)
-#   shard_00000.npy        (n, 2, h, w) token indices (uint16, int32 beyond 65,536 codes): [no flip, flip]
-# Rank r encodes shards k with k % world_size == r; each file is written under a temporary name and renamed (the
-# shard last, so a shard file marks a finished shard), so an interrupted run resumes where it stopped.
-
-TOKEN_CACHE_FORMAT = 1
-
-
-def _save_npy(path, array):
-    """np.save to a temporary name, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def check_token_cache_meta(cache_dir, found, expected):
-    """A cache made by another VQ-GAN, resolution or dataset is an error that names what differs."""
-    keys = ["format", "vqgan_sha256", "resolution", "data", "num_images", "grid", "codebook_size", "shard_size"]
-    diff = [f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in keys if found.get(k) != expected[k]]
-    if diff:
-        raise ValueError(f"token cache {cache_dir} was built with different settings (cache VQ-GAN "
-                         f"{found.get('vqgan')!r}, now {expected['vqgan']!r}):\n  " + "\n  ".join(diff)
-                         + "\nUse another --cache folder, or delete this one to rebuild it.")
-
-
-@torch.no_grad()
-def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_name="", rank=0, world_size=1,
-                      batch_size=64, shard_size=1000, device="cpu", log=print):
-    """
-    Tokenise `dataset` (deterministic items (image (3, R, R) in [-1, 1], label)) and its mirror image into cache_dir:
-    this rank's unfinished shards only. Every rank must call it (it synchronises). Returns the cache's meta dict.
-    """
-    device = torch.device(device)
-    grid = list(vq.encode_indices(dataset[0][0][None].to(device)).shape[1:])  # (h, w) for this resolution
-    codebook_size = int(vq.quantize.embedding.weight.shape[0])
-    expected = {"format": TOKEN_CACHE_FORMAT, "vqgan": str(vqgan_name), "vqgan_sha256": data.vae_fingerprint(vq),
-                "resolution": int(resolution), "data": str(data_name), "num_images": len(dataset), "grid": grid,
-                "codebook_size": codebook_size, "shard_size": int(shard_size),
-                "num_classes": len(getattr(dataset, "classes", [])) or None}
-    meta_path = os.path.join(cache_dir, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            check_token_cache_meta(cache_dir, json.load(f), expected)
-    tu.barrier()  # everyone has checked the old meta before rank 0 may write a new one
-    if rank == 0 and not os.path.exists(meta_path):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{meta_path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(expected, f, indent=2)
-        os.replace(tmp, meta_path)
-    tu.barrier()
-
-    n = len(dataset)
-    num_shards = -(-n // shard_size)
-    dtype = np.uint16 if codebook_size <= 2 ** 16 else np.int32
-    mine = [k for k in range(num_shards) if k % world_size == rank]
-    todo = [k for k in mine if not os.path.exists(os.path.join(cache_dir, f"shard_{k:05d}.npy"))]
-    if rank == 0:
-        log(f"Token cache {cache_dir}: {num_shards} shard(s) of {shard_size} images, {len(mine) - len(todo)} of "
-            f"rank 0's {len(mine)} already done")
-    for k in tqdm(todo, desc="tokenising", disable=rank != 0 or not todo, dynamic_ncols=True):
-        indices = range(k * shard_size, min((k + 1) * shard_size, n))
-        tokens, labels = [], []
-        for start in range(0, len(indices), batch_size):
-            items = [dataset[i] for i in indices[start:start + batch_size]]
-            x = torch.stack([im for im, _ in items]).to(device)                   # (B, 3, R, R)
-            labels += [int(lab) for _, lab in items]
-            pair = [vq.encode_indices(xi) for xi in (x, x.flip(-1))]              # 2 x (B, h, w), fp32 tokeniser
-            tokens.append(torch.stack(pair, dim=1).cpu())                         # (B, 2, h, w)
-        _save_npy(os.path.join(cache_dir, f"labels_{k:05d}.npy"), np.asarray(labels, dtype=np.int64))
-        _save_npy(os.path.join(cache_dir, f"shard_{k:05d}.npy"), torch.cat(tokens).numpy().astype(dtype))
-    tu.barrier()
-    return expected
-
-
-class TokenCache(torch.utils.data.Dataset):
-    """
-    A finished token cache as a dataset: item = (tokens (h, w) long, label). A random flip (p = 0.5) picks the
-    mirror image's tokens; it draws from the global torch RNG, which ResumableLoader seeds per sample and epoch.
-    """
-
-    def __init__(self, cache_dir, flip=True):
-        meta_path = os.path.join(cache_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{cache_dir} is not a token cache (no meta.json)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.cache_dir, self.flip = cache_dir, flip
-        self.shard_size = self.meta["shard_size"]
-        num_shards = -(-self.meta["num_images"] // self.shard_size)
-        missing = [k for k in range(num_shards) if not os.path.exists(self._path("shard", k))]
-        if missing:
-            raise FileNotFoundError(f"token cache {cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
-                                    f"missing (first: {missing[:3]}); rerun the same command to finish it")
-        self.labels = np.concatenate([np.load(self._path("labels", k)) for k in range(num_shards)])
-        self._shards = {}  # memory maps, opened lazily (and per loader worker)
-
-    def _path(self, kind, k):
-        return os.path.join(self.cache_dir, f"{kind}_{k:05d}.npy")
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        k, j = divmod(index, self.shard_size)
-        if k not in self._shards:
-            self._shards[k] = np.load(self._path("shard", k), mmap_mode="r")
-        side = int(torch.rand(()) < 0.5) if self.flip else 0
-        tokens = torch.from_numpy(self._shards[k][j, side].astype(np.int64))  # (h, w)
-        return tokens, int(self.labels[index])
 
 
 #################################################################################
@@ -227,11 +103,13 @@ def main(args):
     cache_dir = args.cache or os.path.join(
         args.results_dir, "token-cache", f"{os.path.basename(os.path.normpath(args.data))}-{args.resolution}px-"
                                          f"{data.vae_fingerprint(vq)[:12]}")
-    meta = build_token_cache(vq, dataset, cache_dir, args.resolution, vqgan_name=vq_name, data_name=args.data,
-                             rank=rank, world_size=world, batch_size=args.cache_batch_size,
-                             shard_size=args.cache_shard_size, device=device, log=logger.info)
+    # Every rank tokenises its own shards; a partial cache is completed, not rebuilt. Unlike the reference, which
+    # tokenises inside its loop, the cache holds one crop per image, the ADM center crop (see data.py, Caches).
+    meta = data.build_token_cache(vq, dataset, cache_dir, args.resolution, vqgan_name=vq_name, data_name=args.data,
+                                  rank=rank, world_size=world, batch_size=args.cache_batch_size,
+                                  shard_size=args.cache_shard_size, device=device, log=logger.info)
     del vq  # the VQ-GAN is not needed any more: training reads tokens only
-    tokens_ds = TokenCache(cache_dir, flip=True)
+    tokens_ds = data.TokenCache(cache_dir, flip=True)  # items: the image's or (random flip) the mirror's tokens
     num_classes = meta["num_classes"] or int(tokens_ds.labels.max()) + 1
     loader = tu.ResumableLoader(tokens_ds, batch_size=batch, seed=args.global_seed, num_workers=args.num_workers,
                                 pin_memory=device.type == "cuda")

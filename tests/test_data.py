@@ -1,5 +1,7 @@
-"""data.py: synthetic scenes, ImageFolder, ADM / EQ-VAE crops, uint8 conversion, grids. Expected values come from
-hand computation, closed forms or independent code (torchvision, explicit loops), never from data.py itself."""
+"""data.py: synthetic scenes, ImageFolder, ADM / EQ-VAE crops, uint8 conversion, grids, encoded caches. Expected
+values come from hand computation, closed forms or independent code (torchvision, explicit loops), never from data.py
+itself."""
+import json
 import os
 import random
 import warnings
@@ -318,3 +320,48 @@ def test_resize_center_is_torchvision_resize_then_center_crop(tmp_path):
     ref = np.asarray(Image.fromarray(arr).resize((48, 32), Image.BILINEAR))[:, 8:40]
     got = data.to_uint8(x).permute(1, 2, 0).numpy()
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
+    """The mechanism under the latent and token caches, with an encoder simple enough to predict by hand."""
+    images = data.build_dataset("synthetic", 8, "center", num_images=5)
+    cache = str(tmp_path / "cache")
+    calls = []
+
+    def encode_pair(x):  # (B, 3, 8, 8) -> (B, 2, 3): the top-left pixel of the image and of its mirror
+        calls.append(len(x))
+        return torch.stack([x[:, :, 0, 0], x.flip(-1)[:, :, 0, 0]], dim=1)
+
+    meta = {"format": 1, "name": "corner", "num_images": 5, "shard_size": 2}
+    kw = dict(checked=["format", "num_images", "shard_size"], batch_size=2, dtype=np.float16, log=lambda *a: None)
+    data.build_encoded_cache(encode_pair, images, cache, meta, rank=1, world_size=2, **kw)
+    assert sorted(os.listdir(cache)) == ["labels_00001.npy", "shard_00001.npy"]  # shard 1 only; meta.json is rank 0's
+    data.build_encoded_cache(encode_pair, images, cache, meta, rank=0, world_size=2, **kw)
+    assert calls == [2, 2, 1]  # one batch a shard: shard 1 (images 2, 3), then shards 0 (0, 1) and 2 (4)
+    data.build_encoded_cache(encode_pair, images, cache, meta, **kw)
+    assert len(calls) == 3  # finished: nothing encoded again
+    with open(os.path.join(cache, "meta.json")) as f:
+        assert json.load(f) == meta
+    shards = [np.load(os.path.join(cache, f"shard_{k:05d}.npy")) for k in range(3)]
+    assert [s.shape for s in shards] == [(2, 2, 3), (2, 2, 3), (1, 2, 3)] and shards[0].dtype == np.float16
+    pixels = np.stack([images[i][0].numpy() for i in range(5)])  # (5, 3, 8, 8)
+    expected = np.stack([pixels[:, :, 0, 0], pixels[:, :, 0, 7]], axis=1).astype(np.float16)  # mirror: top-right
+    assert np.array_equal(np.concatenate(shards), expected)
+    labels = np.concatenate([np.load(os.path.join(cache, f"labels_{k:05d}.npy")) for k in range(3)])
+    assert labels.dtype == np.int64 and labels.tolist() == [images[i][1] for i in range(5)]
+
+    # A reader: flip=False gives the image's entry, flip=True picks each side about half the time.
+    ds = data.EncodedCache(cache, flip=False)
+    assert len(ds) == 5 and np.array_equal(ds._entry(4, ds._random_side()), expected[4, 0])
+    ds.flip = True
+    torch.manual_seed(0)
+    sides = [ds._random_side() for _ in range(200)]
+    assert 60 < sum(sides) < 140
+    assert all(np.array_equal(ds._entry(3, side), expected[3, side]) for side in (0, 1))
+
+    # Other settings: the error names every checked field that differs, and the recorded ones that differ too.
+    with pytest.raises(ValueError) as e:
+        data.build_encoded_cache(encode_pair, images, cache, {**meta, "shard_size": 3, "name": "other"}, **kw)
+    msg = str(e.value)
+    assert "shard_size: cache 2 vs now 3" in msg and "name: cache 'corner' vs now 'other', not checked" in msg
+    assert "num_images" not in msg and len(calls) == 3

@@ -263,41 +263,41 @@ def _tiny_vq(seed):
 
 def test_token_cache_contents_resume_and_mismatch(tmp_path, one_thread):
     import data
-    import train_maskgit
     ds = data.build_dataset("synthetic", 64, "center", num_images=10)
     vq = _tiny_vq(0)
     cache = str(tmp_path / "cache")
     kw = dict(resolution=64, data_name="synthetic", batch_size=4, shard_size=4, log=lambda *a: None)
-    meta = train_maskgit.build_token_cache(vq, ds, cache, **kw)
+    meta = data.build_token_cache(vq, ds, cache, **kw)
     assert meta["grid"] == [8, 8] and meta["codebook_size"] == 256 and meta["num_classes"] == 10
-    tc = train_maskgit.TokenCache(cache, flip=False)
+    tc = data.TokenCache(cache, flip=False)
     x = torch.stack([ds[i][0] for i in range(10)])
     with torch.no_grad():
         direct, mirrored = vq.encode_indices(x), vq.encode_indices(x.flip(-1))
     assert torch.equal(torch.stack([tc[i][0] for i in range(10)]), direct)
     assert [tc[i][1] for i in range(10)] == [ds[i][1] for i in range(10)]
     shards = np.concatenate([np.load(os.path.join(cache, f"shard_{k:05d}.npy")) for k in range(3)])  # (10, 2, 8, 8)
+    assert shards.dtype == np.uint16  # 256 codes fit in 16 bits
     assert torch.equal(torch.from_numpy(shards[:, 0].astype(np.int64)), direct)
     assert torch.equal(torch.from_numpy(shards[:, 1].astype(np.int64)), mirrored)
 
     # A partial cache is resumed: only the missing shard is encoded again, to the same tokens.
     os.remove(os.path.join(cache, "shard_00001.npy"))
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        train_maskgit.TokenCache(cache)
+        data.TokenCache(cache)
     calls = []
     encode = vq.encode_indices
     vq.encode_indices = lambda x: calls.append(len(x)) or encode(x)
-    train_maskgit.build_token_cache(vq, ds, cache, **kw)
+    data.build_token_cache(vq, ds, cache, **kw)
     assert calls == [1, 4, 4]  # the probe image, then shard 1's 4 images and their mirrors
-    tc = train_maskgit.TokenCache(cache, flip=False)
+    tc = data.TokenCache(cache, flip=False)
     assert torch.equal(torch.stack([tc[i][0] for i in range(10)]), direct)
 
     # Another VQ-GAN or another resolution: a clear error.
     with pytest.raises(ValueError, match="vqgan_sha256"):
-        train_maskgit.build_token_cache(_tiny_vq(1), ds, cache, **kw)
+        data.build_token_cache(_tiny_vq(1), ds, cache, **kw)
     with pytest.raises(ValueError, match="resolution: cache 64 vs now 32"):
-        train_maskgit.build_token_cache(vq, data.build_dataset("synthetic", 32, "center", num_images=10), cache,
-                                        **{**kw, "resolution": 32})
+        data.build_token_cache(vq, data.build_dataset("synthetic", 32, "center", num_images=10), cache,
+                               **{**kw, "resolution": 32})
 
 
 def _args(tmp_path, exp, *extra):
