@@ -141,12 +141,7 @@ def main(args):
             raise SystemExit(f"Cannot resume from {resume_path}: it holds a {ckpt['config']} model, "
                              f"this run builds {model.config}")
         tu.check_resume_args(ckpt["args"], args, RESUME_KEYS)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])
-        step = ckpt["step"]
+        step = tu.restore_training_state(ckpt, loader, model=model, ema=ema, opt=opt, scaler=scaler)
         metrics.truncate_after(step)
         logger.info(f"Resumed from {resume_path} at step {step}")
 
@@ -161,16 +156,9 @@ def main(args):
         del ckpt
 
     def save(step_):
-        """Checkpoint everything exact resume needs (collective: every rank's RNG is gathered)."""
-        rng = tu.rng_states()
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step_, "loader": loader.state_dict(), "rng": rng,
-                 "config": model.config, "vqgan": vq_name, "args": vars(args)}
-        path = os.path.join(ckpt_dir, f"{step_:07d}.pt")
-        tu.save_checkpoint(state, path)
-        tu.prune_checkpoints(ckpt_dir, args.keep_last)
-        tu.barrier()
-        logger.info(f"Saved checkpoint to {path}")
+        tu.save_training_checkpoint(ckpt_dir, step_, args.keep_last, logger, model=model.state_dict(),
+                                    ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
+                                    loader=loader.state_dict(), config=model.config, vqgan=vq_name, args=vars(args))
 
     mask_id = model.mask_token_id
     names = ["loss", "acc_masked", "mask_rate", "grad_norm", "lr"]

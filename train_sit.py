@@ -190,13 +190,7 @@ def main(args):
         ckpt = tu.load_checkpoint(resume_path, required=("model", "ema", "opt", "args", "step"))
         tu.check_resume_args(ckpt["args"], args, ["model", "image_size", "num_classes", "global_batch_size", "vae",
                                                   "repa", "path_type", "prediction"])
-        models.load_dit_weights(model, ckpt["model"])
-        models.load_dit_weights(ema, ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])
-        train_steps = ckpt["step"]
+        train_steps = tu.restore_training_state(ckpt, loader, model=model, ema=ema, opt=opt, scaler=scaler)
         metrics.truncate_after(train_steps)
         tu.restore_rng_states(ckpt.get("rng"), logger)
         logger.info(f"Resumed from {resume_path} at step {train_steps}")
@@ -210,14 +204,9 @@ def main(args):
     ema.eval()
 
     def save(step):
-        state = {"model": tu.unwrap(model).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "args": vars(args), "step": step, "loader": loader.state_dict(),
-                 "rng": tu.rng_states()}  # rng_states is collective: every rank takes part
-        path = os.path.join(ckpt_dir, f"{step:07d}.pt")
-        tu.save_checkpoint(state, path)
-        tu.prune_checkpoints(ckpt_dir, args.keep_checkpoints)
-        logger.info(f"Saved checkpoint to {path}")
-        tu.barrier()
+        tu.save_training_checkpoint(ckpt_dir, step, args.keep_last, logger, model=tu.unwrap(model).state_dict(),
+                                    ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
+                                    loader=loader.state_dict(), args=vars(args))
 
     # Variables for monitoring/logging purposes:
     log_steps, running = 0, torch.zeros(4, device=device)  # loss, denoising loss, projection loss, grad norm
@@ -346,7 +335,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
-    parser.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N (0: all)")
+    parser.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     parser.add_argument("--resume", type=str, default=None, help="'auto' (newest in the experiment folder) or a path")
     args = tu.apply_preset(parser.parse_args(), parser, PRESETS)
     if args.data is None or args.vae is None:

@@ -286,6 +286,37 @@ def load_checkpoint(path, required=("model",)):
     return ckpt
 
 
+def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
+    """
+    <ckpt_dir>/<step>.pt with `state` (state dicts, args, ...) plus the step and every rank's RNG states, written
+    atomically by rank 0; only the newest `keep` are kept (0: all). Collective: every rank must call it.
+    """
+    state = dict(state, step=step, rng=rng_states())
+    path = os.path.join(ckpt_dir, f"{step:07d}.pt")
+    save_checkpoint(state, path)
+    prune_checkpoints(ckpt_dir, keep)
+    barrier()  # no rank runs ahead (and maybe dies) before the checkpoint is on disk
+    if logger is not None:
+        logger.info(f"Saved checkpoint to {path}")
+    return path
+
+
+def restore_training_state(ckpt, loader=None, **objects):
+    """
+    Resume in place: objects[name].load_state_dict(ckpt[name]) for every model, optimiser, scaler, EMA passed
+    (None is skipped), then the data position. Returns the step. RNG states are restored separately
+    (restore_rng_states), after any seeding the script does, so the resumed streams are the saved ones.
+    """
+    for name, obj in objects.items():
+        if obj is not None:
+            if ckpt.get(name) is None:
+                raise KeyError(f"the checkpoint has no {name!r} state to resume from (keys: {sorted(ckpt)})")
+            obj.load_state_dict(ckpt[name])
+    if loader is not None:
+        loader.load_state_dict(ckpt["loader"])
+    return int(ckpt["step"])
+
+
 def check_resume_args(saved_args, args, keys):
     """Refuse to resume a checkpoint made for another model/config; name the mismatching options."""
     saved = saved_args if isinstance(saved_args, dict) else vars(saved_args)
