@@ -44,8 +44,14 @@ class Tau(NamedTuple):
     k: int = 0                   # quarter turns, torch.rot90(., k, dims=(-1, -2)) as the official code (clockwise)
 
 
+OFFICIAL_SCALES = [m / 32 for m in range(8, 32)]  # training_step: random.choice([s / 32 for s in range(8, 32)])
+
+
 def latent_scales(n):
-    """The official scale set for a latent side n: {m / n : m = n/4, ..., n-1}; n = 32 (256 px) gives 8/32 ... 31/32."""
+    """The scales for a latent side n: the official 24 (8/32 ... 31/32) whenever they give whole latent pixels (n a
+    multiple of 32: 256 px with f8, 512 px, ...); otherwise the same range on n's grid, {m / n : m = n/4, ..., n-1}."""
+    if n % 32 == 0:
+        return list(OFFICIAL_SCALES)
     return [m / n for m in range(math.ceil(n / 4), n)]
 
 
@@ -58,9 +64,18 @@ def _draw_scale(rng, n, scales):
     return min(n, max(1, round(rng.uniform(0.25, 1.0) * n))) / n
 
 
+def tau_rng(seed, step, micro, grad_accum):
+    """The random.Random that draws the tau of micro-batch `micro` of optimiser step `step`, the same on every rank.
+    The official run draws one tau per training_step call (one micro-batch) and the same one on all GPUs: Lightning's
+    seed_everything(23) seeds python's `random` identically in every DDP process, and training_step is its only
+    consumer. A fresh generator per micro-batch, seeded from (seed, step, micro), keeps that and makes resume exact
+    with no state to save."""
+    return random.Random(seed * 1_000_003 + step * grad_accum + micro)
+
+
 def sample_tau(rng, latent_size, eq_prob=0.5, lowres_prob=0.25, transforms="rot+scale", scales="discrete"):
     """
-    Draw tau for one training step, in the order the official training_step draws it (python `random` API):
+    Draw tau for one micro-batch, in the order the official training_step draws it (python `random` API):
     with probability eq_prob the equivariance branch (scale and rotation applied together); otherwise prior
     preservation, at low resolution with probability lowres_prob (50% / 12.5% / 37.5% with the defaults).
     rng: random.Random or the `random` module; latent_size: (h, w) of the latent of a full-size image.
@@ -106,7 +121,7 @@ class TauAutoencoder(nn.Module):
         """
         x: (B, 3, H, W) in [-1, 1]. Returns target (B, 3, H', W'), x_hat (same shape) and, for a KL-VAE, the
         posterior of the encoded image (KL is always on the untransformed posterior); for a VQ-GAN, the codebook loss.
-        sample_noise: None (posterior.sample()) or a function shape -> N(0, 1) noise (the --shared-tau test hook).
+        sample_noise: None (posterior.sample()) or a function shape -> N(0, 1) noise (the --shared-noise test hook).
         """
         if tau.branch == "lowres":
             # Prior preservation at low resolution: the image itself is downscaled, then reconstructed as is.
@@ -380,7 +395,7 @@ def main(args):
         del ckpt
 
     def sample_noise_for(step_, micro):
-        """--shared-tau test hook: the posterior noise of the *global* batch from a seed shared by all ranks; each
+        """--shared-noise test hook: the posterior noise of the *global* batch from a seed shared by all ranks; each
         rank takes its samples (rank r holds global positions r, r + world, ...), so any world size sees the same."""
         def sample(shape):
             g = torch.Generator().manual_seed(args.global_seed * 1_000_003 + step_ * args.grad_accum + micro)
@@ -415,9 +430,11 @@ def main(args):
         for micro in range(args.grad_accum):
             x, _ = next(loader)
             x = x.to(device, non_blocking=True)
-            # Draw tau. Each rank draws its own, as in the official DDP run; --shared-tau draws it from a seed shared
-            # by all ranks (a test hook: 1 GPU x batch B then computes exactly what N GPUs x B/N compute).
-            rng = random.Random(args.global_seed * 1_000_003 + step * args.grad_accum + micro) if args.shared_tau else random
+            # Draw tau: one per micro-batch, the same on every rank as in the official run (see tau_rng); with
+            # --tau-per-rank each rank draws its own from its python `random` (seeded per rank, saved in checkpoints).
+            # The posterior noise and LPIPS's dropout stay per rank (DiT's per-rank seeds); in the official run they
+            # also repeat across GPUs, a side effect of that same seeding rather than a choice.
+            rng = random if args.tau_per_rank else tau_rng(args.global_seed, step, micro, args.grad_accum)
             tau = sample_tau(rng, latent_hw, args.eq_prob, args.lowres_prob, args.transforms, args.scales)
             sync = micro == args.grad_accum - 1  # all-reduce gradients only on the last micro-batch
             # One autoencoder forward serves both updates. Lightning runs training_step twice per batch (generator,
@@ -427,8 +444,8 @@ def main(args):
                 with tu.autocast(precision, device):
                     out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
                                        args.perceptual_weight, args.kl_weight, args.disc_weight,
-                                       sample_noise_for(step, micro) if args.shared_tau else None)
-                scaler.scale(out["loss"] / args.grad_accum).backward()  # / accumulation: the mean over micro-batches
+                                       sample_noise_for(step, micro) if args.shared_noise else None)
+                scaler.scale(out["loss"] / args.grad_accum).backward()  # the micro-batch mean, as Lightning accumulates
                 tu.requires_grad(disc, True)
             d_loss = logits_real = logits_fake = torch.zeros((), device=device)
             if gan:
@@ -446,7 +463,7 @@ def main(args):
         scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(opt_ae)
         if gan:
-            scaler.step(opt_disc)  # (no-op if no micro-batch produced discriminator gradients)
+            scaler.step(opt_disc)  # one scaler, two optimisers: step each, then a single update (torch AMP recipe)
         scaler.update()
         if scale_before is not None and scaler.get_scale() < scale_before:
             skipped += 1  # fp16 overflow: GradScaler skipped this step and lowered its scale (normal, not fatal)
@@ -574,8 +591,10 @@ def get_parser():
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 = all)")
     p.add_argument("--preview-every", type=int, default=1000)
     p.add_argument("--resume", type=str, default=None, help="'auto' (newest in the run folder) or a checkpoint path")
-    p.add_argument("--shared-tau", action="store_true", help="test hook: tau and posterior noise from a seed shared "
-                   "by all ranks, so N GPUs x B/N reproduce 1 GPU x B exactly")
+    p.add_argument("--tau-per-rank", action="store_true", help="each GPU draws its own tau (default: one tau per "
+                   "micro-batch for all GPUs, as the official Lightning run)")
+    p.add_argument("--shared-noise", action="store_true", help="test hook: posterior noise of the global batch from a "
+                   "seed shared by all ranks, so N GPUs x B/N reproduce 1 GPU x B exactly")
     return p
 
 

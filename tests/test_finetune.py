@@ -71,6 +71,28 @@ def test_sample_tau_official_choices_and_mix():
     assert all(t.scale == (1.0, 1.0) for t in draws if t.branch == "plain")
 
 
+def test_official_scales_at_other_resolutions():
+    """The official 24 scales whenever they land on whole latent pixels (latent side a multiple of 32), not a finer
+    grid; other latent sides (f16 VQ-GAN at 256 px: 16) use the same range on their own grid."""
+    official = [s / 32 for s in range(8, 32)]
+    assert fe.latent_scales(32) == official and fe.latent_scales(64) == official  # 256 px and 512 px with f8
+    assert fe.latent_scales(16) == [m / 16 for m in range(4, 16)]
+    rng = random.Random(0)
+    assert {fe.sample_tau(rng, (64, 64), eq_prob=1.0).scale[0] for _ in range(3000)} == set(official)
+
+
+def test_default_tau_is_the_same_on_every_rank():
+    """The official run draws one tau per step for all GPUs (Lightning seeds every process's `random` alike); ours
+    too, by default: the per-rank seeds main sets must not change the draws, which still vary per micro-batch."""
+    draws = []
+    for rank in (0, 1):
+        tu.seed_everything(23, rank, 2)  # what main does on each of 2 ranks
+        draws.append([fe.sample_tau(fe.tau_rng(23, step, micro, 2), (32, 32))
+                      for step in range(50) for micro in (0, 1)])
+    assert draws[0] == draws[1]
+    assert len(set(draws[0])) > 20
+
+
 def test_sample_tau_variants():
     rng = random.Random(1)
     draw = lambda n=2000, **kw: [fe.sample_tau(rng, (32, 32), eq_prob=1.0, **kw) for _ in range(n)]
@@ -216,9 +238,9 @@ def _free_port():
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """2 ranks x batch 2 == 1 rank x batch 4 after 2 steps with accumulation 2. They must agree only where the math
     is the same: no GAN (--disc-weight 0: the PatchGAN's BatchNorm normalises per process and the adaptive weight
-    uses each rank's local gradients) and --shared-tau (the test hook: tau and posterior noise drawn from a seed
-    shared by all ranks; normally each rank draws its own)."""
-    extra = ["--max-steps", "2", "--disc-weight", "0", "--shared-tau"]
+    uses each rank's local gradients) and --shared-noise (the test hook: posterior noise drawn from a seed shared by
+    all ranks; normally each rank draws its own). tau is shared by all ranks by default, as in the official run."""
+    extra = ["--max-steps", "2", "--disc-weight", "0", "--shared-noise"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(ROOT, "finetune_eqvae.py"),
@@ -243,12 +265,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 
 
 def test_two_gloo_processes_with_gan_and_vq(tmp_path):
-    """The full objective under DDP (GAN, adaptive weight via autograd.grad, no_sync micro-steps, each rank its own
-    tau, so 16 px targets on one rank and 64 px on another) runs through; and the VQ-GAN path in one process."""
+    """The full objective under DDP (GAN, adaptive weight via autograd.grad, no_sync micro-steps, --tau-per-rank:
+    each rank its own tau, so 16 px targets on one rank and 64 px on another) runs through; and the VQ-GAN path in
+    one process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(ROOT, "finetune_eqvae.py"),
-           *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7")]
+           *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7", "--tau-per-rank")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "gan" / "run" / "metrics.jsonl") if '"loss"' in line]
