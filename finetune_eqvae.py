@@ -348,7 +348,7 @@ def main(args):
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
 
     # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG):
-    step = 0
+    step, skipped = 0, 0  # skipped: fp16 steps GradScaler dropped (counted over the whole run)
     if resume_path is not None:
         ckpt = tu.load_checkpoint(resume_path, required=("model", "disc", "opt", "opt_disc", "step", "config"))
         config = dict(getattr(vae, "config", {}))
@@ -357,15 +357,11 @@ def main(args):
                     for k in sorted(set(ckpt["config"]) | set(config)) if ckpt["config"].get(k) != config.get(k)]
             raise SystemExit(f"Cannot resume from {resume_path}: it was made for another autoencoder:\n  " + "\n  ".join(diff))
         tu.check_resume_args(ckpt["args"], args, RESUME_KEYS)
-        vae.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["disc"])
-        opt_ae.load_state_dict(ckpt["opt"])
-        opt_disc.load_state_dict(ckpt["opt_disc"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else vae.state_dict())
-        loader.load_state_dict(ckpt["loader"])
-        step = ckpt["step"]
+        if ema is not None and ckpt.get("ema") is None:
+            ckpt["ema"] = ckpt["model"]  # EMA switched on at resume: it starts from the current weights
+        step = tu.restore_training_state(ckpt, loader, model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc,
+                                         scaler=scaler, ema=ema)
+        skipped = ckpt.get("skipped_steps", 0)
         metrics.truncate_after(step)
         logger.info(f"Resumed from {resume_path} at step {step}")
 
@@ -405,16 +401,11 @@ def main(args):
 
     def save(step_):
         """Checkpoint everything exact resume needs (collective: every rank's RNG is gathered)."""
-        rng = tu.rng_states()
-        state = {"model": vae.state_dict(), "disc": disc.state_dict(), "opt": opt_ae.state_dict(),
-                 "opt_disc": opt_disc.state_dict(), "scaler": scaler.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None, "step": step_, "loader": loader.state_dict(),
-                 "rng": rng, "config": dict(getattr(vae, "config", {})), "args": vars(args)}
-        path = os.path.join(ckpt_dir, f"{step_:07d}.pt")
-        tu.save_checkpoint(state, path)
-        tu.prune_checkpoints(ckpt_dir, args.keep_last)
-        tu.barrier()
-        logger.info(f"Saved checkpoint to {path}")
+        tu.save_training_checkpoint(ckpt_dir, step_, args.keep_last, logger, model=vae.state_dict(),
+                                    disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
+                                    scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                                    loader=loader.state_dict(), config=dict(getattr(vae, "config", {})),
+                                    args=vars(args), skipped_steps=skipped)
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
                 f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}")
@@ -422,7 +413,7 @@ def main(args):
     if is_vq:
         names[names.index("kl")] = "codebook"
     running = torch.zeros(len(names), device=device)
-    log_steps, skipped, start_time = 0, 0, time.time()
+    log_steps, start_time = 0, time.time()
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while step < max_steps:
         gan = args.disc_weight > 0 and step >= args.disc_start  # LDM's disc_factor: 0 before --disc-start
