@@ -29,7 +29,10 @@ import train_utils as tu
 # --preset tiny: a CPU-sized run on the built-in synthetic data (DESIGN: every stage has one).
 PRESETS = {
     "tiny": dict(data="synthetic", num_images=256, image_size=64, num_classes=10, model="DiT-T/2", vae="tiny",
-                 global_batch_size=16, max_steps=200, log_every=20, ckpt_every=100, num_workers=0),
+                 global_batch_size=16, max_steps=200, log_every=20, ckpt_every=100, num_workers=0,
+                 # A few hundred steps: the papers' lr 1e-4 barely moves a tiny model and EMA 0.9999 would
+                 # average over 10K steps, so the EMA weights would still be the initial ones.
+                 lr=1e-3, ema_decay=0.99),
 }
 
 
