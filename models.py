@@ -1496,29 +1496,21 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   DiT Configs                                  #
 #################################################################################
 
-def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def DiT_XL_8(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def DiT_L_8(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-# Not in the paper: a CPU-sized model for the tiny preset and tests (8x8x4 latents of 64 px images).
-def DiT_T_2(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
+# (depth, hidden size, heads) of each size (DiT Table 1); SiT and REPA use the same four, with patch 2, 4 or 8.
+# "T" is not in the papers: a CPU-sized model for the tiny preset and tests (8x8x4 latents of 64 px images).
+DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (4, 128, 4)}
 
 
-DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-    "DiT-T/2": DiT_T_2,
-}
+def _model_configs(family, build):
+    """{"DiT-XL/2": fn, ...}: one constructor per size and patch, fn(**kwargs) -> build(depth=..., ..., **kwargs)."""
+    def config(depth, hidden_size, num_heads, patch_size):
+        return lambda **kwargs: build(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                                      patch_size=patch_size, **kwargs)
+    return {f"{family}-{size}/{p}": config(*DIT_SIZES[size], p)
+            for size in DIT_SIZES for p in ((2,) if size == "T" else (2, 4, 8))}
+
+
+DiT_models = _model_configs("DiT", DiT)
 
 
 def build_dit(name, **kwargs):
@@ -1871,29 +1863,7 @@ def _sit(learn_sigma=None, **kwargs):
     return SiT(learn_sigma=learn_sigma, **kwargs)
 
 
-def SiT_XL_2(**kwargs): return _sit(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def SiT_XL_4(**kwargs): return _sit(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def SiT_XL_8(**kwargs): return _sit(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-def SiT_L_2(**kwargs): return _sit(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def SiT_L_4(**kwargs): return _sit(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def SiT_L_8(**kwargs): return _sit(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-def SiT_B_2(**kwargs): return _sit(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def SiT_B_4(**kwargs): return _sit(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def SiT_B_8(**kwargs): return _sit(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-def SiT_S_2(**kwargs): return _sit(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def SiT_S_4(**kwargs): return _sit(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-def SiT_S_8(**kwargs): return _sit(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-# Not in the paper: DiT-T/2's CPU-sized twin for the tiny preset and tests.
-def SiT_T_2(**kwargs): return _sit(depth=4, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
-
-
-SiT_models = {
-    "SiT-XL/2": SiT_XL_2, "SiT-XL/4": SiT_XL_4, "SiT-XL/8": SiT_XL_8,
-    "SiT-L/2": SiT_L_2, "SiT-L/4": SiT_L_4, "SiT-L/8": SiT_L_8,
-    "SiT-B/2": SiT_B_2, "SiT-B/4": SiT_B_4, "SiT-B/8": SiT_B_8,
-    "SiT-S/2": SiT_S_2, "SiT-S/4": SiT_S_4, "SiT-S/8": SiT_S_8,
-    "SiT-T/2": SiT_T_2,
-}
+SiT_models = _model_configs("SiT", _sit)
 
 
 def build_sit(name, **kwargs):
@@ -1919,7 +1889,7 @@ def sit_from_state_dict(state_dict, encoder_depth=None, **kwargs):
         i += 1
     repa = dict(encoder_depth=encoder_depth, z_dims=z_dims, projector_dim=proj_dim) if z_dims else {}
     # The head count leaves no trace in the weights: take the SiT_models config of this width (64-dim heads).
-    heads = kwargs.pop("num_heads", None) or {1152: 16, 1024: 16, 768: 12, 384: 6, 128: 4}.get(cfg["hidden_size"])
+    heads = kwargs.pop("num_heads", None) or {w: h for _, w, h in DIT_SIZES.values()}.get(cfg["hidden_size"])
     if heads is None:
         raise ValueError(f"hidden size {cfg['hidden_size']} is no SiT_models config: pass num_heads")
     model = SiT(input_size=cfg["input_size"], patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
