@@ -386,6 +386,17 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def timed(fn, device):
+    """(seconds, output) of one call of fn, waiting for the GPU's queued work before and after (benchmarks)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 

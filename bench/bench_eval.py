@@ -11,24 +11,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
+import train_utils as tu  # noqa: E402
 
-
-def timed(fn, device):
-    """(seconds, output) of one call of fn."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def pytorch_fid_model(weights):
@@ -66,8 +56,8 @@ def main(args):
         model = ours if name.startswith("ours") else theirs
         model.to(device)
         with torch.no_grad():
-            timed(fn, device)                        # warm-up
-            times = [timed(fn, device)[0] for _ in range(args.iters)]
+            tu.timed(fn, device)                        # warm-up
+            times = [tu.timed(fn, device)[0] for _ in range(args.iters)]
         print(f"  Inception {name:<32} {args.batch / statistics.median(times):8.2f} images/s")
         model.cpu()
     if theirs is not None:
@@ -86,7 +76,7 @@ def main(args):
     methods = ["eig"] + ([] if args.no_sqrtm else ["sqrtm"])
     values = {}
     for m in methods:
-        t, values[m] = timed(lambda: evaluate.frechet_distance(*stats, method=m), torch.device("cpu"))
+        t, values[m] = tu.timed(lambda: evaluate.frechet_distance(*stats, method=m), torch.device("cpu"))
         print(f"  Frechet distance 2048-d, method {m:<6} {t:8.2f} s   (value {values[m]:.10g})")
     if len(values) == 2:
         print(f"  relative difference eig vs sqrtm: {abs(values['eig'] - values['sqrtm']) / values['sqrtm']:.2e}")
@@ -95,7 +85,7 @@ def main(args):
     if args.pr_n:
         f1 = rng.standard_normal((args.pr_n, d)).astype(np.float32)
         f2 = (rng.standard_normal((args.pr_n, d)) + 0.1).astype(np.float32)
-        t, (p, r) = timed(lambda: evaluate.precision_recall(f1, f2, device=device), device)
+        t, (p, r) = tu.timed(lambda: evaluate.precision_recall(f1, f2, device=device), device)
         print(f"  precision/recall {args.pr_n} x {args.pr_n}: {t:.2f} s (precision {p:.3f}, recall {r:.3f})")
 
 

@@ -11,24 +11,14 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
+import train_utils as tu  # noqa: E402
 
-
-def timed(fn, device):
-    """Seconds for one call of fn."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(args):
@@ -76,7 +66,7 @@ def main(args):
                 fn()  # warm-up
             for _ in range(args.iters):  # interleaved, so load from other processes hits all alike
                 for name, fn in runs.items():
-                    times[name].append(timed(fn, device))
+                    times[name].append(tu.timed(fn, device)[0])
         ms = {name: 1000 * statistics.median(ts) for name, ts in times.items()}
         print(f"[{precision}]")
         for name, value in ms.items():

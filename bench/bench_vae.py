@@ -10,23 +10,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
+import train_utils as tu  # noqa: E402
 
-
-def timed(fn, device):
-    """(seconds, output) of one call of fn."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def main(args):
@@ -56,7 +46,7 @@ def main(args):
                 assert torch.isfinite(outs[name]).all(), f"{name} {precision}: non-finite output"
             for _ in range(args.iters):  # interleaved, so load from other processes hits both alike
                 for name, fn in runs.items():
-                    times[name].append(timed(fn, device)[0])
+                    times[name].append(tu.timed(fn, device)[0])
         ips = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
         for name in runs:
             line = f"{name:9s} {precision}: {ips[name]:8.2f} images/s (encode + decode)"
