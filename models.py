@@ -429,8 +429,8 @@ def _config_from_diffusers(cfg):
     if cfg.get("shift_factor") not in (None, 0, 0.0):
         unsupported.append(f"shift_factor={cfg['shift_factor']}")
     if unsupported:
-        raise NotImplementedError(f"diffusers autoencoder config not supported by KLVAE (SD-VAE layout): "
-                                  f"{', '.join(unsupported)}")
+        raise ValueError(f"this diffusers autoencoder is not the SD-VAE / SDXL-VAE layout that KLVAE builds "
+                         f"({', '.join(unsupported)}); load an SD-VAE-family checkpoint")
     widths = list(cfg["block_out_channels"])
     if any(w % widths[0] for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
