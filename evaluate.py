@@ -675,6 +675,9 @@ def ssim(x, y, data_range=255.0, window=11, sigma=1.5, k1=0.01, k2=0.03):
 def knn_distances(points, k, block=2048, device="cpu"):
     """Euclidean distances (N, k) from each point to its k nearest other points, computed in row blocks."""
     x = torch.as_tensor(np.asarray(points), dtype=torch.float64, device=device).flatten(1)
+    if len(x) <= k:
+        raise ValueError(f"{len(x)} points are too few for {k} nearest neighbours: use more images (--num-images) "
+                         f"or a smaller --k")
     sq = x.pow(2).sum(1)
     out = []
     for i in range(0, len(x), block):

@@ -486,3 +486,8 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_vae_file):
     assert outs[1]["num_images"] == outs[0]["num_images"] == 5
     for k, v in outs[0].items():
         assert outs[1][k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_intrinsic_dimension_needs_more_points_than_neighbours():
+    with pytest.raises(ValueError, match="too few for 20 nearest neighbours"):
+        evaluate.mle_id(np.random.default_rng(0).normal(size=(12, 5)), k=20)
