@@ -115,7 +115,7 @@ class TauAutoencoder(nn.Module):
     def __init__(self, vae, interp="bilinear"):
         super().__init__()
         self.vae, self.interp = vae, interp
-        self.is_vq = isinstance(vae, getattr(models, "VQGAN", ()))
+        self.is_vq = isinstance(vae, models.VQGAN)
 
     def forward(self, x, tau, sample_noise=None):
         """
@@ -281,7 +281,7 @@ def build_autoencoder(args):
             vae = models.load_autoencoder(args.init)
         except Exception as e:
             raise SystemExit(f"--init {args.init}: could not load an autoencoder: {e}") from e
-        kind = "vq" if isinstance(vae, getattr(models, "VQGAN", ())) else "kl"
+        kind = "vq" if isinstance(vae, models.VQGAN) else "kl"
         if kind != args.model:
             raise SystemExit(f"--init {args.init} holds a {'VQ-GAN' if kind == 'vq' else 'KL-VAE'}; pass --model {kind}.")
     return vae.train()
@@ -322,7 +322,7 @@ def main(args):
     # Create model (seeded identically on every rank, so the initial weights do not depend on the world size):
     torch.manual_seed(args.global_seed)
     vae = build_autoencoder(args).to(device)
-    is_vq = isinstance(vae, getattr(models, "VQGAN", ()))
+    is_vq = isinstance(vae, models.VQGAN)
     if args.disc_weight is None:
         args.disc_weight = 0.8 if is_vq else 0.5  # taming's VQ-GAN config / the EQ-VAE (LDM) config
     disc = models.NLayerDiscriminator(input_nc=3, ndf=args.disc_ndf, n_layers=3).apply(models.weights_init).to(device)
