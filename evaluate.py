@@ -1507,6 +1507,10 @@ def cmd_latents(args, dist):
             "spectrum": [float(p) for p in power]}, [], f"latent pictures of {args.vae} on {args.data}")
 
 
+# --preset tiny for the autoencoder metrics: the CPU-sized setting of every stage (DESIGN), 64 px synthetic images.
+PRESETS = {"tiny": dict(data="synthetic", resolution=64, num_images=256, num_workers=0)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="metric", required=True)
@@ -1518,7 +1522,10 @@ def main(argv=None):
             p.add_argument("--cache-dir", default=None, help="keep features per chunk here; a rerun resumes")
         if vae:
             p.add_argument("--vae", required=vae is True, default=None, help="autoencoder checkpoint or folder")
-            p.add_argument("--data", required=vae is True, default=None, help="'synthetic' or an ImageFolder path")
+            p.add_argument("--data", default=None, help="'synthetic' or an ImageFolder path")
+            p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                           help="tiny: 256 synthetic 64 px images, no loader workers (options you type still win)")
+            p.set_defaults(needs_data=vae is True)
             p.add_argument("--resolution", type=int, default=256)
             p.add_argument("--num-images", type=int, default=None, help="default: the whole dataset (paper: 50K)")
             p.add_argument("--num-workers", type=int, default=4)
@@ -1566,6 +1573,15 @@ def main(argv=None):
     handlers.update(add_demo_commands(sub))  # probe-train, probe-eval, report: demo.sh's offline metric and report
 
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        # Fill only the options that were not typed (as train_utils.apply_preset does for the stage scripts).
+        typed = sys.argv[1:] if argv is None else argv
+        for key, value in PRESETS[args.preset].items():
+            flag = "--" + key.replace("_", "-")
+            if not any(t == flag or t.startswith(flag + "=") for t in typed):
+                setattr(args, key, value)
+    if getattr(args, "needs_data", False) and args.data is None:
+        parser.error(f"{args.metric}: --data is required (an image folder, or 'synthetic'; or use --preset tiny)")
     dist = train_utils.setup_distributed()
     # Metrics in full fp32: setup_distributed enables TF32, which moves Inception features by ~1e-3.
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
+import models
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
@@ -491,3 +492,14 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_vae_file):
 def test_intrinsic_dimension_needs_more_points_than_neighbours():
     with pytest.raises(ValueError, match="too few for 20 nearest neighbours"):
         evaluate.mle_id(np.random.default_rng(0).normal(size=(12, 5)), k=20)
+
+
+def test_preset_tiny_fills_only_untyped_options(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = str(tmp_path / "tiny.ckpt")
+    models.save_ldm(models.build_autoencoder("tiny"), path)
+    evaluate.main(["equivariance", "--vae", path, "--preset", "tiny", "--num-images", "4", "--no-psnr"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["num_images"] == 4 and out["rotation"] > 0
+    with pytest.raises(SystemExit):
+        evaluate.main(["equivariance", "--vae", path])  # no --data and no preset: a usage error
