@@ -3,7 +3,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,13 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 demo_eval = evaluate  # the demo's probe metric and report writer live in evaluate.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny CPU work: one thread (two thrash on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Every test here runs tiny networks in-process: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,23 +11,11 @@ from scipy.stats import norm
 
 import data
 import models
+from helpers import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
-
-def run_script(args, cwd, nproc=1, check=True):
-    """Run a stage script as a user would (python, or torchrun on CPU/gloo); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    else:
-        cmd = [sys.executable] + args
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
 
 
 #################################################################################
@@ -296,7 +282,7 @@ TINY = ["train_dit.py", "--preset", "tiny", "--num-images", "64", "--global-batc
 def test_train_loss_decreases_and_resume_is_exact(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     steps = ["--max-steps", "24", "--log-every", "6", "--ckpt-every", "12", "--lr", "5e-4"]  # lr: fewer steps
-    run_script(TINY + ["--results-dir", a] + steps, ROOT)
+    run_script(TINY + ["--results-dir", a] + steps)
     rows = [json.loads(line) for line in open(os.path.join(a, "DiT-T-2", "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [6, 12, 18, 24]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -304,7 +290,7 @@ def test_train_loss_decreases_and_resume_is_exact(tmp_path):
     # Kill-and-resume: continue from the step-12 checkpoint in a fresh folder; it must equal the straight run.
     os.makedirs(os.path.join(b, "DiT-T-2", "checkpoints"))
     shutil.copy(os.path.join(a, "DiT-T-2", "checkpoints", "0000012.pt"), os.path.join(b, "DiT-T-2", "checkpoints"))
-    run_script(TINY + ["--results-dir", b, "--resume", "auto"] + steps, ROOT)
+    run_script(TINY + ["--results-dir", b, "--resume", "auto"] + steps)
     ca = torch.load(os.path.join(a, "DiT-T-2", "checkpoints", "0000024.pt"), weights_only=False)
     cb = torch.load(os.path.join(b, "DiT-T-2", "checkpoints", "0000024.pt"), weights_only=False)
     for key in ("model", "ema"):
@@ -320,7 +306,7 @@ def test_train_loss_decreases_and_resume_is_exact(tmp_path):
     ckpt = os.path.join(a, "DiT-T-2", "checkpoints", "0000024.pt")
     args = ["sample.py", "--preset", "tiny", "--ckpt", ckpt, "--sample-dir", str(tmp_path / "s"),
             "--num-samples", "5", "--per-proc-batch-size", "2", "--num-sampling-steps", "4"]
-    run_script(args, ROOT)
+    run_script(args)
     (npz,) = [p for p in os.listdir(tmp_path / "s") if p.endswith(".npz")]
     first = np.load(tmp_path / "s" / npz)
     assert first["arr_0"].shape == (5, 64, 64, 3) and first["arr_0"].dtype == np.uint8
@@ -329,7 +315,7 @@ def test_train_loss_decreases_and_resume_is_exact(tmp_path):
     assert sorted(os.listdir(shard_dir)) == ["000000.npz", "000001.npz", "000002.npz"]
     os.remove(shard_dir / "000001.npz")
     os.remove(tmp_path / "s" / npz)
-    run_script(args, ROOT)
+    run_script(args)
     again = np.load(tmp_path / "s" / npz)
     assert np.array_equal(first["arr_0"], again["arr_0"]) and np.array_equal(first["arr_1"], again["arr_1"])
     # Bad model name: the valid ones are listed.
@@ -341,7 +327,7 @@ def test_train_loss_decreases_and_resume_is_exact(tmp_path):
 def test_torchrun_two_processes_with_latent_cache(tmp_path):
     out = run_script(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--log-every", "2",
                              "--ckpt-every", "4", "--num-images", "16", "--cache-latents", str(tmp_path / "cache"),
-                             "--cache-shard-size", "4", "--cache-batch-size", "4"], ROOT, nproc=2)
+                             "--cache-shard-size", "4", "--cache-batch-size", "4"], nproc=2)
     assert "world_size=2" in out.stdout
     # 4 shards, split over the 2 ranks, all present; the checkpoint holds both ranks' RNG states.
     assert sorted(f for f in os.listdir(tmp_path / "cache") if f.startswith("shard")) == \

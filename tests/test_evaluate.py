@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 
 import evaluate
 import models
+from helpers import run_script
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
@@ -471,16 +470,11 @@ def test_cli_equivariance_id_latents(tmp_path, tiny_vae_file, capsys):
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_vae_file):
     # 5 images over 2 ranks (shards of 2 and 3): the gathered per-image errors give the one-process numbers.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=root)
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    args = [os.path.join(root, "evaluate.py"), "equivariance", "--vae", tiny_vae_file, "--data", "synthetic",
+    args = ["evaluate.py", "equivariance", "--vae", tiny_vae_file, "--data", "synthetic",
             "--resolution", "32", "--num-images", "5", "--batch-size", "2", "--num-workers", "0"]
     outs = []
-    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                        "--nproc_per_node=2"]):
-        p = subprocess.run(launcher + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
+    for nproc in (1, 2):
+        p = run_script(args, nproc=nproc, cwd=tmp_path)
         lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
         assert len(lines) == 1, p.stdout                      # rank 0 alone prints
         outs.append(json.loads(lines[0]))

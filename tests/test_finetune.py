@@ -3,9 +3,6 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
-import sys
 from collections import Counter
 from types import SimpleNamespace
 
@@ -17,9 +14,9 @@ from scipy.stats import chi2
 
 import finetune_eqvae as fe
 import models
+from helpers import run_script
 import train_utils as tu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest useful KL-VAE: f8 (64 px -> 8 x 8 latents; 64 px keeps the smallest low-res target at 16 px, which
 # LPIPS's VGG needs), 8 channels, 8 GroupNorm groups.
 TINY = '{"ch": 8, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "resolution": 64, "norm_num_groups": 8}'
@@ -34,13 +31,8 @@ def run_args(results_dir, *extra):
             "--keep-last", "0", "--results-dir", str(results_dir), "--exp-name", "run", *extra]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs are tiny: one thread (two thrash on a loaded 2-core machine, 10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Every test here runs tiny networks in-process: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def final_checkpoint(results_dir):
@@ -229,24 +221,13 @@ def test_nll_and_kl_are_summed_and_divided_by_batch():
 #                   Whole runs: DDP, resume, non-finite loss, bad input         #
 #################################################################################
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """2 ranks x batch 2 == 1 rank x batch 4 after 2 steps with accumulation 2. They must agree only where the math
     is the same: no GAN (--disc-weight 0: the PatchGAN's BatchNorm normalises per process and the adaptive weight
     uses each rank's local gradients) and --shared-noise (the test hook: posterior noise drawn from a seed shared by
     all ranks; normally each rank draws its own). tau is shared by all ranks by default, as in the official run."""
     extra = ["--max-steps", "2", "--disc-weight", "0", "--shared-noise"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(ROOT, "finetune_eqvae.py"),
-           *run_args(tmp_path / "two", *extra)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(["finetune_eqvae.py", *run_args(tmp_path / "two", *extra)], nproc=2)
     fe.main(fe.parse_args(run_args(tmp_path / "one", *extra)))
     two, one = final_checkpoint(tmp_path / "two"), final_checkpoint(tmp_path / "one")
     assert two["step"] == one["step"] == 2
@@ -268,12 +249,8 @@ def test_two_gloo_processes_with_gan_and_vq(tmp_path):
     """The full objective under DDP (GAN, adaptive weight via autograd.grad, no_sync micro-steps, --tau-per-rank:
     each rank its own tau, so 16 px targets on one rank and 64 px on another) runs through; and the VQ-GAN path in
     one process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(ROOT, "finetune_eqvae.py"),
-           *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7", "--tau-per-rank")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(["finetune_eqvae.py", *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7",
+                                               "--tau-per-rank")], nproc=2)
     rows = [json.loads(line) for line in open(tmp_path / "gan" / "run" / "metrics.jsonl") if '"loss"' in line]
     assert len(rows) == 3 and all(r["d_weight"] > 0 and r["d"] > 0 for r in rows)
 

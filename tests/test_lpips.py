@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.models import vgg as tv_vgg
 
 import models

@@ -2,9 +2,6 @@
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,19 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from helpers import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "maskgit_pytorch_v1_256.json")
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny networks gain nothing from a second intra-op thread, and on a loaded 2-core machine two threads per
-    process thrash (10x slower here); run the in-process training tests on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _small(**kw):
@@ -307,15 +297,8 @@ def _args(tmp_path, exp, *extra):
 
 
 def test_torchrun_two_processes(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port),
-           os.path.join(ROOT, "train_maskgit.py"), *_args(tmp_path, "ddp", "--max-steps", "4", "--ckpt-every", "4")]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_script(["train_maskgit.py", *_args(tmp_path, "ddp", "--max-steps", "4", "--ckpt-every", "4")], nproc=2,
+               cwd=tmp_path)
     run = tmp_path / "results" / "ddp"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [2, 4] and all(math.isfinite(row["loss"]) for row in rows)

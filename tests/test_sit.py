@@ -4,8 +4,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 import models
+from helpers import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -20,23 +19,6 @@ sys.path.insert(0, ROOT)
 import train_sit  # noqa: E402  (for its projection_loss)
 
 
-def free_port():
-    """A free TCP port for torchrun (--master_port=0 can hang at gloo's rendezvous on some machines)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_script(args, nproc=1, check=True):
-    """Run a stage script as a user would (python, or torchrun on CPU/gloo); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-    out = subprocess.run(pre + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
 
 
 #################################################################################

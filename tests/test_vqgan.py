@@ -1,7 +1,6 @@
 """VQ-GAN (taming f16-1024 layout): quantiser math, checkpoint IO, codebook health, the VQ fine-tuning loss.
 Expected values are hand-computed, closed forms, brute force, or the upstream parameter layout (fixture)."""
 import json
-import math
 import os
 import sys
 

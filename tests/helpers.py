@@ -1,0 +1,30 @@
+"""Shared by the tests: run a stage script as a user would, as one process or under torchrun (CPU, gloo)."""
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    """A free TCP port for torchrun's rendezvous (--standalone / port 0 can hang at gloo setup on some machines)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_script(args, nproc=1, cwd=ROOT, check=True, timeout=300):
+    """`python SCRIPT ARGS` (nproc=1) or `torchrun --nproc_per_node=nproc SCRIPT ARGS`, one thread per process;
+    args[0] is the script, relative to the repository root. Returns the CompletedProcess; check=True raises with
+    the end of its output when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    args = [os.path.join(ROOT, args[0]), *args[1:]]
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc_per_node={nproc}",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    out = subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
