@@ -607,10 +607,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(args)
-    except tu.NonFiniteLossError as e:  # a clear one-line message; nothing was saved after the last good step
-        raise SystemExit(f"error: {e}")
-    finally:
-        tu.cleanup_distributed()
+    tu.run_main(main, parse_args())

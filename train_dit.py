@@ -240,4 +240,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    tu.run_main(main, get_args())

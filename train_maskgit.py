@@ -289,8 +289,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(args)
-    except tu.NonFiniteLossError as e:
-        raise SystemExit(f"error: {e}")
+    tu.run_main(main, parse_args())

@@ -343,4 +343,4 @@ if __name__ == "__main__":
     args = tu.apply_preset(parser.parse_args(), parser, PRESETS)
     if args.data is None or args.vae is None:
         parser.error("--data and --vae are required (or use --preset tiny)")
-    main(args)
+    tu.run_main(main, args)

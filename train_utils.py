@@ -224,6 +224,17 @@ def check_finite(step, **losses):
             "Try a lower learning rate, --precision fp32/bf16, or resume from the last checkpoint.")
 
 
+def run_main(main, args):
+    """A training script's entry point: main(args); a non-finite loss ends with its one-line message instead of a
+    traceback (the last good checkpoint is untouched), and the process group is closed whatever happens."""
+    try:
+        main(args)
+    except NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        cleanup_distributed()
+
+
 #################################################################################
 #                                 Checkpoints                                   #
 #################################################################################
