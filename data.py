@@ -61,6 +61,25 @@ def save_image_grid(x, path, nrow=8, padding=2):
     return path
 
 
+def save_npz(path, images=None, **arrays):
+    """Write an ADM-layout .npz atomically (a temporary file, then a rename): images as arr_0 (uint8, N x H x W x 3,
+    the samples / reference-batch layout of openai/guided-diffusion's evaluator) plus any other arrays."""
+    if images is not None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"ADM .npz images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
+        arrays = {"arr_0": images, **arrays}
+    path = str(path)
+    tmp = f"{path}.tmp.{os.getpid()}.npz"  # np.savez appends .npz to names without it
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 #################################################################################
 #           Crops: ADM center crop (DiT, SiT, REPA) and the EQ-VAE crop         #
 #################################################################################
@@ -153,7 +172,7 @@ class ImageTransform:
         if self.kind == "eqvae":
             img = self.eqvae_crop(pil_image)            # EQ-VAE fine-tuning: no flip (official data code)
         elif self.kind == "resize_center":
-            # Reconstruction metrics (LightningDiT / EQ-VAE eval, REFERENCE 2): Resize(size) + CenterCrop(size),
+            # Reconstruction metrics (LightningDiT / EQ-VAE eval scripts): Resize(size) + CenterCrop(size),
             # torchvision's bilinear resize of the short side (antialiased on PIL images).
             from torchvision.transforms import functional as TF
             img = TF.center_crop(TF.resize(pil_image.convert("RGB"), self.size), self.size)
@@ -483,7 +502,7 @@ def build_dataset(data, resolution, transform="center", num_images=None, seed=0)
 #                            Latent and Token Caches                            #
 #################################################################################
 # The autoencoder is frozen in stage 2, so its output for an image never changes, and encoding every image each step
-# costs more than a DiT-B step (fast-DiT's precomputed latents nearly doubled training speed, REFERENCE 7). So each
+# costs more than a DiT-B step (fast-DiT's precomputed latents nearly doubled its training speed). So each
 # stage 2 script encodes its dataset once, image and horizontal mirror, and trains from the cache:
 # - latents (DiT, SiT, REPA): the posterior mean and std of both; each read then draws a fresh flip and a fresh
 #   z = mean + std * eps, so training on the cache sees the same distribution as encoding on the fly (REPA trains this
@@ -687,3 +706,38 @@ class TokenCache(EncodedCache):
     def __getitem__(self, index):
         tokens = torch.from_numpy(self._entry(index, self._random_side()).astype(np.int64))  # (h, w)
         return tokens, int(self.labels[index])
+
+
+class LatentsWithImages(torch.utils.data.Dataset):
+    """Cached latents beside the images they were encoded from (same index, both unflipped): REPA's encoder needs
+    the pixels. Item: (latent (C, h, w), label, image (3, R, R) in [-1, 1])."""
+
+    def __init__(self, latents, images):
+        if len(latents) != len(images):
+            raise ValueError(f"latent cache holds {len(latents)} items but the dataset {len(images)} images")
+        self.latents, self.images = latents, images
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, index):
+        z, y = self.latents[index]
+        return z, y, self.images[index][0]
+
+
+def latent_training_set(args, vae, vae_name, rank=0, world_size=1, device="cpu", log=print, flip=True,
+                        with_images=False):
+    """
+    The training set of a latent generative model (DiT, SiT, REPA) from its command-line options: with
+    --cache-latents the latent cache (built or completed first, every rank its own shards; items (z, label) with a
+    fresh posterior sample per read), else the images (items (image, label), encoded by the training loop).
+    flip: DiT's random horizontal flip; with_images: REPA's items (z, label, image), the image for DINOv2.
+    """
+    if not args.cache_latents:
+        return build_dataset(args.data, args.image_size, "center_flip" if flip else "center", args.num_images)
+    images = build_dataset(args.data, args.image_size, "center", num_images=args.num_images)
+    build_latent_cache(vae, images, args.cache_latents, args.image_size, vae_name=vae_name, data_name=args.data,
+                       rank=rank, world_size=world_size, batch_size=args.cache_batch_size,
+                       shard_size=args.cache_shard_size, device=device, log=log)
+    latents = LatentCache(args.cache_latents, flip=flip)
+    return LatentsWithImages(latents, images) if with_images else latents

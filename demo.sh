@@ -109,8 +109,8 @@ step_json() {  # step_json NAME OUT.json CMD...: as step, the command's JSON std
 }
 last_ckpt() { echo "$1/checkpoints/$(printf '%07d' "$2").pt"; }
 
-# The demo's own commands of evaluate.py: probe-train, probe-eval, report.
-EVAL_DEMO=("$PY" evaluate.py)
+# The demo's own commands (demo.py): probe-train, probe-eval, report.
+EVAL_DEMO=("$PY" demo.py)
 
 echo "demo: $MODE mode into $D (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 

@@ -18,16 +18,14 @@ import json
 import math
 import os
 import random
-import time
 from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
+import checkpoints
 import data
 import models
 import train_utils as tu
@@ -268,23 +266,70 @@ def run_name(args):
 
 
 def build_autoencoder(args):
-    """--init PATH (anything models.load_autoencoder reads) or --init none with --config NAME."""
+    """--init PATH (anything checkpoints.load_autoencoder reads) or --init none with --config NAME or JSON."""
     if args.init.lower() == "none":
+        table = models.VQGAN_models if args.model == "vq" else models.KLVAE_models
         config = args.config or ("vqgan-f16-1024" if args.model == "vq" else "sd-vae")
-        config = json.loads(config) if config.lstrip().startswith("{") else config  # a name or a JSON config dict
         try:
-            vae = models.VQGAN(config) if args.model == "vq" else models.build_autoencoder(config)
-        except (KeyError, ValueError) as e:
-            raise SystemExit(f"--config {args.config}: {e}") from e
+            if config.lstrip().startswith("{"):  # a JSON dict of constructor arguments
+                vae = (models.VQGAN if args.model == "vq" else models.KLVAE)(**json.loads(config))
+            else:
+                vae = models.build(table, config)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"--config {args.config}: {str(e).replace('unknown model', 'unknown autoencoder')}") \
+                from None
     else:
         try:
-            vae = models.load_autoencoder(args.init)
-        except Exception as e:
-            raise SystemExit(f"--init {args.init}: could not load an autoencoder: {e}") from e
+            vae = checkpoints.load_autoencoder(args.init)
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"--init {args.init}: could not load an autoencoder: {e}") from None
         kind = "vq" if isinstance(vae, models.VQGAN) else "kl"
         if kind != args.model:
-            raise SystemExit(f"--init {args.init} holds a {'VQ-GAN' if kind == 'vq' else 'KL-VAE'}; pass --model {kind}.")
+            raise ValueError(f"--init {args.init} holds a {'VQ-GAN' if kind == 'vq' else 'KL-VAE'}; pass --model {kind}.")
     return vae.train()
+
+
+def build_loss_networks(args, device):
+    """The PatchGAN discriminator (taming's init) and, when the perceptual weight is on, frozen LPIPS."""
+    disc = models.NLayerDiscriminator(input_nc=3, ndf=args.disc_ndf, n_layers=3).apply(models.weights_init).to(device)
+    lpips = None
+    if args.perceptual_weight > 0:
+        lpips = models.LPIPS() if args.lpips_random else checkpoints.load_lpips(args.lpips_vgg, args.lpips_lin)
+        # .train(), as in the official run: Lightning's .train() reaches the loss module and switches on the dropout
+        # of LPIPS's lin layers (taming builds it with use_dropout=True). Its weights stay frozen.
+        lpips = lpips.to(device).train()
+    return disc, lpips
+
+
+def compile_models(vae, disc):
+    """--compile: in place (state-dict keys unchanged) and static shapes."""
+    # tau changes the image size from step to step, and inductor's dynamic-shape path failed on these convolutions
+    # (torch 2.14, CPU). Each new size compiles once, up to torch._dynamo's recompile limit; sizes past it run
+    # eager. The full-size path (37.5%) is compiled.
+    vae.encoder.compile(dynamic=False)
+    vae.decoder.compile(dynamic=False)
+    disc.compile(dynamic=False)
+
+
+def shared_noise(seed, step, micro, grad_accum, rank, world, device):
+    """--shared-noise test hook: the posterior noise of the *global* batch from a seed shared by all ranks; each rank
+    takes its samples (rank r holds global positions r, r + world, ...), so any world size sees the same noise."""
+    def sample(shape):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step * grad_accum + micro)
+        full = torch.randn((shape[0] * world,) + tuple(shape[1:]), generator=g)
+        return full[rank::world].to(device)
+    return sample
+
+
+def export_autoencoder(vae, exp_dir, logger):
+    """The fine-tuned autoencoder as a taming checkpoint (VQ-GAN) or a diffusers folder and an LDM checkpoint (KL)."""
+    if isinstance(vae, models.VQGAN):
+        checkpoints.save_taming(vae, os.path.join(exp_dir, "vqgan.ckpt"))
+    else:
+        checkpoints.save_diffusers(vae, os.path.join(exp_dir, "diffusers"))
+        checkpoints.save_ldm(vae, os.path.join(exp_dir, "eqvae.ckpt"))
+    logger.info(f"Done: exported the fine-tuned autoencoder to {exp_dir} "
+                f"({'vqgan.ckpt' if isinstance(vae, models.VQGAN) else 'diffusers/ and eqvae.ckpt'})")
 
 
 def main(args):
@@ -292,22 +337,12 @@ def main(args):
     # Setup DDP:
     dist = tu.setup_distributed()
     rank, world, device = dist.rank, dist.world_size, dist.device
-    if args.global_batch_size % world != 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}: "
-                         f"use a multiple of {world} (the paper: 10 per GPU x 8 GPUs = 80).")
-    batch = args.global_batch_size // world
+    batch = tu.per_rank_batch(args.global_batch_size, world)
     precision = tu.resolve_precision(args.precision, device)
 
     # Setup an experiment folder:
-    exp_dir = tu.experiment_dir(args.results_dir, run_name(args))
-    ckpt_dir = os.path.join(exp_dir, "checkpoints")
-    resume_path = tu.resolve_resume(args.resume, ckpt_dir)
-    if resume_path is None and tu.list_checkpoints(ckpt_dir):
-        raise SystemExit(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
-                         f"another --exp-name / --results-dir (nothing was overwritten).")
-    logger = tu.create_logger(exp_dir)
-    metrics = tu.MetricsLog(os.path.join(exp_dir, "metrics.jsonl"))
-    logger.info(f"Experiment directory: {exp_dir} ({world} process(es), {device}, {precision})")
+    exp = tu.setup_experiment(args.results_dir, run_name(args), args.resume, dist, precision)
+    logger = exp.logger
 
     # Setup data (first: a wrong --data fails before any weights load):
     dataset = data.build_dataset(args.data, args.resolution, "eqvae", num_images=args.num_images)
@@ -319,20 +354,13 @@ def main(args):
                 f"({batch} per GPU) x accumulation {args.grad_accum}; {steps_per_epoch:,} steps/epoch, {max_steps:,} steps")
     preview_x = torch.stack([loader.dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(device)
 
-    # Create model (seeded identically on every rank, so the initial weights do not depend on the world size):
+    # Create models (seeded identically on every rank, so the initial weights do not depend on the world size):
     torch.manual_seed(args.global_seed)
     vae = build_autoencoder(args).to(device)
     is_vq = isinstance(vae, models.VQGAN)
     if args.disc_weight is None:
         args.disc_weight = 0.8 if is_vq else 0.5  # taming's VQ-GAN config / the EQ-VAE (LDM) config
-    disc = models.NLayerDiscriminator(input_nc=3, ndf=args.disc_ndf, n_layers=3).apply(models.weights_init).to(device)
-    lpips = None
-    if args.perceptual_weight > 0:
-        # .train(), as in the official run: Lightning's .train() reaches the loss module and switches on the dropout
-        # of LPIPS's lin layers (taming builds it with use_dropout=True). Its weights stay frozen.
-        lpips = models.LPIPS(vgg_weights=args.lpips_vgg, lin_weights=args.lpips_lin,
-                             pretrained=not args.lpips_random).to(device).train()
-        tu.requires_grad(lpips, False)
+    disc, lpips = build_loss_networks(args, device)
     ema = None
     if args.ema_decay > 0:  # off by default: the official trainer keeps no EMA (the released eq-vae-ema does)
         ema = copy.deepcopy(vae).eval()
@@ -347,77 +375,46 @@ def main(args):
     opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
 
-    # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG):
-    step, skipped = 0, 0  # skipped: fp16 steps GradScaler dropped (counted over the whole run)
-    if resume_path is not None:
-        ckpt = tu.load_checkpoint(resume_path, required=("model", "disc", "opt", "opt_disc", "step", "config"))
-        config = dict(getattr(vae, "config", {}))
-        if ckpt["config"] != config:
-            diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r} vs now {config.get(k)!r}"
-                    for k in sorted(set(ckpt["config"]) | set(config)) if ckpt["config"].get(k) != config.get(k)]
-            raise SystemExit(f"Cannot resume from {resume_path}: it was made for another autoencoder:\n  " + "\n  ".join(diff))
-        tu.check_resume_args(ckpt["args"], args, RESUME_KEYS)
-        if ema is not None and ckpt.get("ema") is None:
-            ckpt["ema"] = ckpt["model"]  # EMA switched on at resume: it starts from the current weights
-        step = tu.restore_training_state(ckpt, loader, model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc,
-                                         scaler=scaler, ema=ema)
+    # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG), then seed each
+    # rank for the loop (DiT's per-rank seeds; tau stays shared, see tau_rng):
+    step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=vae.config, what="autoencoder",
+                                    required=("model", "disc", "opt", "opt_disc", "step", "config", "args"),
+                                    model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc, scaler=scaler)
+    skipped = 0  # fp16 steps that GradScaler dropped, counted over the whole run
+    if ckpt is not None:
+        if ema is not None:  # EMA switched on at resume: it starts from the current weights
+            ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
         skipped = ckpt.get("skipped_steps", 0)
-        metrics.truncate_after(step)
-        logger.info(f"Resumed from {resume_path} at step {step}")
+        del ckpt
 
     # Prepare models for training:
     if args.compile:
-        # In place (state-dict keys unchanged) and static shapes: tau changes the image size from step to step, and
-        # inductor's dynamic-shape path failed on these convolutions (torch 2.14, CPU). Each new size compiles once,
-        # up to torch._dynamo's recompile limit; sizes past it run eager. The full-size path (37.5%) is compiled.
-        vae.encoder.compile(dynamic=False)
-        vae.decoder.compile(dynamic=False)
-        disc.compile(dynamic=False)
+        compile_models(vae, disc)
     model = TauAutoencoder(vae, args.interp)
-    ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-    ddp_model = DDP(model, **ddp_kwargs) if world > 1 else model
-    ddp_disc = DDP(disc, **ddp_kwargs) if world > 1 else disc
+    ddp_model, ddp_disc = tu.distributed(model, device), tu.distributed(disc, device)
     last_layer = vae.get_last_layer()  # the parameter itself (not through DDP): the adaptive weight's grads go here
-    latent_hw = _latent_size(vae, args.resolution)
+    latent_hw = vae.latent_shape(args.resolution)[1:]
     smallest = round(args.resolution * latent_scales(latent_hw[0])[0])  # the smallest tau x / low-res image
     if args.perceptual_weight > 0 and smallest < 16:
-        raise SystemExit(f"--resolution {args.resolution} makes {smallest} px targets at the smallest scale, too small "
-                         f"for LPIPS's VGG (>= 16 px): use --resolution >= 64 or --perceptual-weight 0.")
-
-    # Per-rank seeds for the loop (DiT's convention), then every rank's saved RNG states on resume:
-    tu.seed_everything(args.global_seed, rank, world)
-    if resume_path is not None:
-        tu.restore_rng_states(ckpt.get("rng"), logger)
-        del ckpt
-
-    def sample_noise_for(step_, micro):
-        """--shared-noise test hook: the posterior noise of the *global* batch from a seed shared by all ranks; each
-        rank takes its samples (rank r holds global positions r, r + world, ...), so any world size sees the same."""
-        def sample(shape):
-            g = torch.Generator().manual_seed(args.global_seed * 1_000_003 + step_ * args.grad_accum + micro)
-            full = torch.randn((shape[0] * world,) + tuple(shape[1:]), generator=g)
-            return full[rank::world].to(device)
-        return sample
+        raise ValueError(f"--resolution {args.resolution} makes {smallest} px targets at the smallest scale, too "
+                         f"small for LPIPS's VGG (>= 16 px): use --resolution >= 64 or --perceptual-weight 0.")
 
     def save(step_):
         """Checkpoint everything exact resume needs (collective: every rank's RNG is gathered)."""
-        tu.save_training_checkpoint(ckpt_dir, step_, args.keep_last, logger, model=vae.state_dict(),
+        tu.save_training_checkpoint(exp.ckpt_dir, step_, args.keep_last, logger, model=vae.state_dict(),
                                     disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
                                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                                    loader=loader.state_dict(), config=dict(getattr(vae, "config", {})),
-                                    args=vars(args), skipped_steps=skipped)
+                                    loader=loader.state_dict(), config=dict(vae.config), args=vars(args),
+                                    skipped_steps=skipped)
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
                 f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}")
-    names = ["loss", "nll", "rec", "lpips", "kl", "g", "d_weight", "d", "logits_real", "logits_fake", "eq_share"]
-    if is_vq:
-        names[names.index("kl")] = "codebook"
-    running = torch.zeros(len(names), device=device)
-    log_steps, start_time = 0, time.time()
-    pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    names = ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
+             "logits_fake", "eq_share"]
+    meter = tu.TrainingMeter(names, exp, max_steps, step, args.grad_accum * args.global_batch_size, device)
     while step < max_steps:
         gan = args.disc_weight > 0 and step >= args.disc_start  # LDM's disc_factor: 0 before --disc-start
-        sums = torch.zeros(len(names), device=device)
+        parts = {n: 0.0 for n in names}
         for micro in range(args.grad_accum):
             x, _ = next(loader)
             x = x.to(device, non_blocking=True)
@@ -428,29 +425,31 @@ def main(args):
             rng = random if args.tau_per_rank else tau_rng(args.global_seed, step, micro, args.grad_accum)
             tau = sample_tau(rng, latent_hw, args.eq_prob, args.lowres_prob, args.transforms, args.scales)
             sync = micro == args.grad_accum - 1  # all-reduce gradients only on the last micro-batch
-            # One autoencoder forward serves both updates. Lightning runs training_step twice per batch (generator,
-            # then discriminator), each with a fresh tau and forward: the same distribution, twice the cost.
+            noise = shared_noise(args.global_seed, step, micro, args.grad_accum, rank, world, device) \
+                if args.shared_noise else None
+            # Autoencoder update. One forward serves both updates: Lightning runs training_step twice per batch
+            # (generator, then discriminator), each with a fresh tau and forward: the same distribution, twice the cost.
             with (nullcontext() if sync or world == 1 else ddp_model.no_sync()):
                 tu.requires_grad(disc, False)  # the generator's GAN term must not touch the discriminator's grads
                 with tu.autocast(precision, device):
                     out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
-                                       args.perceptual_weight, args.kl_weight, args.disc_weight,
-                                       sample_noise_for(step, micro) if args.shared_noise else None)
+                                       args.perceptual_weight, args.kl_weight, args.disc_weight, noise)
                 scaler.scale(out["loss"] / args.grad_accum).backward()  # the micro-batch mean, as Lightning accumulates
                 tu.requires_grad(disc, True)
-            d_loss = logits_real = logits_fake = torch.zeros((), device=device)
+            # Discriminator update, on the (transformed) real image and the detached reconstruction:
+            d = dict(d=0.0, logits_real=0.0, logits_fake=0.0)
             if gan:
                 with (nullcontext() if sync or world == 1 else ddp_disc.no_sync()):
                     with tu.autocast(precision, device):
-                        d_loss, logits_real, logits_fake = discriminator_loss(ddp_disc, out["target"], out["x_hat"])
-                    scaler.scale(d_loss / args.grad_accum).backward()
-            parts = [out["loss"].detach(), out["nll"], out["rec"], out["lpips"], out["codebook" if is_vq else "kl"],
-                     out["g"], out["d_weight"], d_loss.detach(), logits_real, logits_fake]
-            sums += torch.stack([p.float() for p in parts] + [torch.tensor(float(tau.branch == "eq"), device=device)])
-        sums /= args.grad_accum
+                        d["d"], d["logits_real"], d["logits_fake"] = discriminator_loss(ddp_disc, out["target"],
+                                                                                        out["x_hat"])
+                    scaler.scale(d["d"] / args.grad_accum).backward()
+            for n in names:
+                v = {**out, **d, "eq_share": float(tau.branch == "eq")}[n]
+                parts[n] = parts[n] + (v.detach().float() if torch.is_tensor(v) else v) / args.grad_accum
 
         # Stop on a non-finite loss before the optimiser step, so no broken state is ever applied or saved:
-        tu.check_finite(step + 1, **{n: sums[i] for i, n in enumerate(names) if n != "eq_share"})
+        tu.check_finite(step + 1, **{n: parts[n] for n in names if torch.is_tensor(parts[n])})
         scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(opt_ae)
         if gan:
@@ -463,57 +462,32 @@ def main(args):
         if ema is not None:
             tu.update_ema(ema, vae, args.ema_decay)
         step += 1
-        pbar.update(1)
-        running += sums
-        log_steps += 1
 
         # Log loss values (averaged over steps and processes):
+        meter.update(**parts)
         if step % args.log_every == 0 or step == max_steps:
-            avg = tu.all_reduce_mean(running / log_steps)
-            elapsed = time.time() - start_time
-            row = {n: round(v, 6) for n, v in zip(names, avg.tolist())}
-            row.update(steps_per_sec=round(log_steps / elapsed, 4),
-                       img_per_sec=round(log_steps * args.grad_accum * args.global_batch_size / elapsed, 2),
-                       skipped_steps=skipped)
-            metrics.write(step, **row)
-            pbar.set_postfix(loss=f"{row['loss']:.4g}", rec=f"{row['rec']:.3f}", d_w=f"{row['d_weight']:.3g}")
-            running.zero_()
-            log_steps, start_time = 0, time.time()
+            meter.log(step, skipped_steps=skipped)
 
         # Preview and equivariance error on a fixed batch (rank 0; the others continue to the next collective):
         if dist.is_main and (step % args.preview_every == 0 or step == max_steps):
             vae.eval()
             with tu.autocast(precision, device):
                 err = equivariance_errors(vae, preview_x, args.interp)
-                save_preview(vae, preview_x, os.path.join(exp_dir, "previews", f"{step:07d}.png"), args.interp)
+                save_preview(vae, preview_x, os.path.join(exp.dir, "previews", f"{step:07d}.png"), args.interp)
             vae.train()
-            metrics.write(step, **err)
+            exp.metrics.write(step, **err)
             logger.info(f"step {step}: equivariance error rot {err['eq_err_rot']:.4f}, scale {err['eq_err_scale']:.4f}")
 
         # Save checkpoint:
         if step % args.ckpt_every == 0 or step == max_steps:
             save(step)
-    pbar.close()
+    meter.close()
 
-    # Export the autoencoder (the EMA one when enabled) as a diffusers folder and an LDM / taming checkpoint:
+    # Export the autoencoder (the EMA one when enabled):
     if dist.is_main:
-        final = (ema if ema is not None else vae).eval()
-        if is_vq:
-            models.save_taming(final, os.path.join(exp_dir, "vqgan.ckpt"))
-        else:
-            models.save_diffusers(final, os.path.join(exp_dir, "diffusers"))
-            models.save_ldm(final, os.path.join(exp_dir, "eqvae.ckpt"))
-        logger.info(f"Exported the {'EMA ' if ema is not None else ''}autoencoder to {exp_dir}")
+        export_autoencoder((ema if ema is not None else vae).eval(), exp.dir, logger)
     tu.barrier()
-    logger.info("Done!")
-    tu.cleanup_distributed()
-    return exp_dir
-
-
-def _latent_size(vae, resolution):
-    """(h, w) of the latent of a full-size image: resolution / 2^(levels - 1)."""
-    f = 2 ** (len(vae.config["ch_mult"]) - 1)
-    return resolution // f, resolution // f
+    return exp.dir
 
 
 #################################################################################
@@ -533,17 +507,15 @@ PRESETS = {
 def get_parser():
     # Default args here fine-tune SD-VAE with the settings of the official EQ-VAE code (configs/eqvae_config.yaml).
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="change the defaults you did not pass")
-    p.add_argument("--data", type=str, default=None, help="image folder (ImageNet/OpenImages train) or 'synthetic'")
+    # The global seed 23 is the official main.py's; the run folder defaults to eqvae-<init name>.
+    tu.add_run_args(p, PRESETS, seed=23, log_every=50, ckpt_every=2000, keep_last=3,
+                    data_help="image folder (OpenImages / ImageNet train) or 'synthetic'")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--num-images", type=int, default=None, help="use only the first N images")
     p.add_argument("--model", choices=["kl", "vq"], default="kl", help="KL-VAE (SD-VAE, SDXL-VAE) or VQ-GAN")
     p.add_argument("--init", type=str, default=None, help="pretrained autoencoder (diffusers folder, LDM/taming "
                    "checkpoint, ours), or 'none' to train --config from scratch")
     p.add_argument("--config", type=str, default=None, help="architecture for --init none: sd-vae, sdxl-vae, tiny "
                    "(KL) or vqgan-f16-1024, tiny (VQ)")
-    p.add_argument("--results-dir", type=str, default="results")
-    p.add_argument("--exp-name", type=str, default=None, help="run folder under --results-dir (default from --init)")
     # EQ-VAE (Sec. 3.3; official code: p_prior 0.5, p_prior_s 0.25, 24 discrete scales, bilinear)
     p.add_argument("--eq-prob", type=float, default=0.5, help="probability of the equivariance branch (p_alpha); "
                    "0 is the plain fine-tune control of Table 6 (add --lowres-prob 0 for full-resolution only)")
@@ -573,15 +545,8 @@ def get_parser():
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the autoencoder, e.g. 0.9999 (0 = off, "
                    "as the official trainer)")
     # System
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--global-seed", type=int, default=23, help="23: the official main.py's seed")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=2000)
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 = all)")
     p.add_argument("--preview-every", type=int, default=1000)
-    p.add_argument("--resume", type=str, default=None, help="'auto' (newest in the run folder) or a checkpoint path")
     p.add_argument("--tau-per-rank", action="store_true", help="each GPU draws its own tau (default: one tau per "
                    "micro-batch for all GPUs, as the official Lightning run)")
     p.add_argument("--shared-noise", action="store_true", help="test hook: posterior noise of the global batch from a "

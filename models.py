@@ -1,35 +1,35 @@
 """
 Every network of the EQ-VAE pipeline and the math that belongs to it, in one file, in this order:
 
-  1. the KL autoencoder (SD-VAE / SDXL-VAE), pretrained-weight lookup, checkpoint loading (LDM, diffusers, ours)
-     and export, LPIPS and the PatchGAN discriminator;
-  2. the VQ-GAN (taming f16) with its quantiser, checkpoints and fine-tuning loss;
+  1. the KL autoencoder (SD-VAE, SDXL-VAE, SD3 / FLUX VAE, kl-f16) with its latent normalisation, LPIPS and the
+     PatchGAN discriminator;
+  2. the VQ-GAN (taming f16) with its quantiser and fine-tuning loss;
   3. the equivariance error of latents (paper App. C.3), shared by training and evaluation;
   4. the DiT backbone (shared by DiT, SiT and SiT + REPA) and DiT's Gaussian diffusion;
   5. SiT / REPA configs, interpolant transport with its ODE / SDE samplers, and DINOv2;
   6. MaskGIT's transformer, masking schedules and sampler.
 
-Sections are separated by banners; read top to bottom.
+Sections are separated by banners; read top to bottom. Every family has one table, name -> constructor
+(KLVAE_models, VQGAN_models, DiT_models, SiT_models, DINOv2_models, MaskGIT_models). Checkpoint formats (LDM,
+diffusers, taming, the official DiT / SiT / REPA / DINOv2 / MaskGIT files) and pretrained weights live in
+checkpoints.py; this file only builds networks.
 """
-import json
 import math
-import os
-import pickle
-import re
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data  # to_uint8: the one uint8 convention (DESIGN)
+import data  # to_uint8: the one uint8 convention, clamp(127.5 x + 128)
 
 
 #################################################################################
 #                  KL Autoencoder (SD-VAE): Building Blocks                     #
 #################################################################################
 # Parameter names follow LDM / taming (ldm/modules/diffusionmodules/model.py), so the LDM and EQ-VAE LDM
-# checkpoints and the taming VQ-GAN load into these modules unchanged; diffusers names are mapped in the loader.
+# checkpoints and the taming VQ-GAN load into these modules unchanged; checkpoints.py maps diffusers names.
 
 def Normalize(in_channels, num_groups=32):
     """GroupNorm as in LDM: 32 groups, eps 1e-6, affine."""
@@ -237,27 +237,67 @@ class DiagonalGaussianDistribution:
 #################################################################################
 
 class KLVAE(nn.Module):
-    """LDM's AutoencoderKL (the SD-VAE): Encoder -> quant_conv -> posterior; z -> post_quant_conv -> Decoder."""
-    def __init__(self, config):
+    """
+    LDM's AutoencoderKL: Encoder -> quant_conv -> posterior q(z|x); z -> post_quant_conv -> Decoder. The defaults
+    are SD-VAE (LDM kl-f8, 83.65M parameters, 4 x 32 x 32 latents at 256 px); KLVAE_models names the others.
+    ch, ch_mult, num_res_blocks, attn_resolutions, resolution: LDM's "ddconfig" (downsampling f = 2^(len(ch_mult)-1);
+      attention at the feature-map sides in attn_resolutions, measured at `resolution`, besides the mid block);
+    z_channels / embed_dim: latent channels before / after quant_conv (equal in every released model);
+    use_quant_conv: SD3's and FLUX's VAEs have neither 1x1 conv around the latent;
+    scaling_factor, shift_factor, latents_mean, latents_std: how scale_latents maps z to the generative model's input.
+    """
+    def __init__(self, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), z_channels=4,
+                 embed_dim=None, in_channels=3, out_ch=3, resolution=256, norm_num_groups=32, dropout=0.0,
+                 use_quant_conv=True, scaling_factor=0.18215, shift_factor=0.0, latents_mean=None, latents_std=None):
         super().__init__()
-        config = _kl_config(config)
-        self.config = config
-        ddconfig = {k: config[k] for k in ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-                                           "in_channels", "resolution", "z_channels", "dropout", "norm_num_groups")}
-        self.encoder = Encoder(**ddconfig, double_z=True)
-        self.decoder = Decoder(**ddconfig)
-        z, e = config["z_channels"], config["embed_dim"]
-        self.quant_conv = nn.Conv2d(2 * z, 2 * e, kernel_size=1)  # moments (mean, logvar): 8 -> 8 for SD-VAE
-        self.post_quant_conv = nn.Conv2d(e, z, kernel_size=1)  # 4 -> 4 for SD-VAE
-        # Latents are multiplied by this before the generative model and divided by it before decoding (DESIGN).
-        self.scaling_factor = config["scaling_factor"]
+        embed_dim = z_channels if embed_dim is None else embed_dim
+        widths = [ch] + [ch * m for m in ch_mult]
+        if any(w % norm_num_groups for w in widths):
+            raise ValueError(f"norm_num_groups={norm_num_groups} does not divide the channel widths {widths}")
+        if not use_quant_conv and embed_dim != z_channels:
+            raise ValueError(f"without quant convs the latent has z_channels={z_channels} channels, not "
+                             f"embed_dim={embed_dim}")
+        for name, v in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if v is not None and len(v) != embed_dim:
+                raise ValueError(f"{name} has {len(v)} values for {embed_dim} latent channels")
+        # Plain lists and numbers, so the config can ride along in checkpoints (JSON, torch.load(weights_only)).
+        self.config = dict(ch=ch, ch_mult=[int(m) for m in ch_mult], num_res_blocks=num_res_blocks,
+                           attn_resolutions=[int(r) for r in attn_resolutions], z_channels=z_channels,
+                           embed_dim=embed_dim, in_channels=in_channels, out_ch=out_ch, resolution=resolution,
+                           norm_num_groups=norm_num_groups, dropout=dropout, use_quant_conv=bool(use_quant_conv),
+                           scaling_factor=float(scaling_factor), shift_factor=float(shift_factor),
+                           latents_mean=None if latents_mean is None else [float(v) for v in latents_mean],
+                           latents_std=None if latents_std is None else [float(v) for v in latents_std])
+        dd = dict(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, in_channels=in_channels,
+                  attn_resolutions=attn_resolutions, resolution=resolution, z_channels=z_channels, dropout=dropout,
+                  norm_num_groups=norm_num_groups)
+        self.encoder = Encoder(**dd, double_z=True)
+        self.decoder = Decoder(**dd)
+        if use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)  # (mean, logvar): 8 -> 8
+            self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)      # 4 -> 4 for SD-VAE
+        else:
+            self.quant_conv = self.post_quant_conv = nn.Identity()  # no parameters: SD3 / FLUX state dicts
+
+    @property
+    def scaling_factor(self):
+        return self.config["scaling_factor"]
+
+    @property
+    def downsampling(self):
+        """f: latent side = image side / f (8 for SD-VAE, 16 for kl-f16)."""
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    def latent_shape(self, resolution):
+        """(C, h, w) of the latent of a resolution x resolution image: (4, 32, 32) for SD-VAE at 256 px."""
+        return (self.config["embed_dim"], resolution // self.downsampling, resolution // self.downsampling)
 
     def encode(self, x):
         """x: (N, 3, H, W) in [-1, 1] -> posterior over (N, embed_dim, H / f, W / f)."""
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z):
-        """z: (N, embed_dim, h, w) unscaled latent -> (N, 3, h * f, w * f) image, roughly in [-1, 1]."""
+        """z: (N, embed_dim, h, w) latent (not scaled) -> (N, 3, h * f, w * f) image, roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x, sample_posterior=True):
@@ -270,393 +310,59 @@ class KLVAE(nn.Module):
         """The weight at which LDM's adaptive GAN weight compares gradient norms."""
         return self.decoder.conv_out.weight
 
+    # ---- the latent normalisation a generative model sees (every stage that encodes or decodes for one) ----
+    def _norm(self, z):
+        """(shift, scale) broadcastable against z (N, C, h, w): per channel when latents_mean/std are set."""
+        c = self.config
+        if c["latents_mean"] is None:
+            return c["shift_factor"], c["scaling_factor"]
+        mean = torch.tensor(c["latents_mean"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        std = torch.tensor(c["latents_std"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        return mean, c["scaling_factor"] / std
 
-# SD-VAE = LDM kl-f8 ("autoencoder_kl_32x32x4"): 83,653,863 parameters, 4 x 32 x 32 latents at 256 px.
-_SD_VAE = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], z_channels=4, embed_dim=4,
-               in_channels=3, out_ch=3, resolution=256, norm_num_groups=32, dropout=0.0, scaling_factor=0.18215)
-vae_configs = {
-    "sd-vae": dict(_SD_VAE),
-    "sdxl-vae": dict(_SD_VAE, scaling_factor=0.13025),  # same architecture, retrained; SDXL's latent scale
+    def scale_latents(self, z):
+        """Autoencoder latent -> generator input: (z - shift) * scale (SD: shift 0, scale 0.18215; SD3: 0.0609,
+        1.5305), or (z - mean_c) * scale / std_c per channel when the config has latents_mean / latents_std."""
+        shift, scale = self._norm(z)
+        return (z - shift) * scale
+
+    def unscale_latents(self, z):
+        """Generator output -> autoencoder latent, the inverse of scale_latents: z / scale + shift."""
+        shift, scale = self._norm(z)
+        return z / scale + shift
+
+    def latent_norm(self):
+        """What scale_latents does, for caches and checkpoints to record (a mismatch is then caught)."""
+        return {k: self.config[k] for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+
+
+# Every family of networks below has one table, name -> constructor (DiT's `DiT_models` idiom):
+# build(KLVAE_models, "sd-vae") or KLVAE_models["sd-vae"](**overrides).
+KLVAE_models = {
+    "sd-vae": partial(KLVAE),                          # LDM kl-f8 = stabilityai/sd-vae-ft-ema's architecture
+    "sdxl-vae": partial(KLVAE, scaling_factor=0.13025),  # same architecture, retrained; SDXL's latent scale
     # CPU-sized f8 autoencoder for tests and the demo (64 px -> 4 x 8 x 8). GroupNorm(32) needs >= 32 channels,
     # so 8 groups here; everything else is SD-VAE's design.
-    "tiny": dict(_SD_VAE, ch=16, ch_mult=[1, 2, 2, 4], num_res_blocks=1, resolution=64, norm_num_groups=8),
+    "tiny": partial(KLVAE, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, resolution=64, norm_num_groups=8),
 }
 
 
-def _kl_config(config):
-    """Complete a KLVAE config dict with SD-VAE defaults; unknown keys are an error (typos fail loudly)."""
-    unknown = sorted(set(config) - set(_SD_VAE))
-    if unknown:
-        raise ValueError(f"unknown KL autoencoder config keys {unknown}; valid keys: {sorted(_SD_VAE)}")
-    config = {**_SD_VAE, "embed_dim": config.get("z_channels", _SD_VAE["z_channels"]), **config}
-    for key in ("ch_mult", "attn_resolutions"):
-        config[key] = [int(v) for v in config[key]]  # lists, so the config is JSON- and weights_only-friendly
-    channels = [config["ch"]] + [config["ch"] * m for m in config["ch_mult"]]
-    if any(c % config["norm_num_groups"] for c in channels):
-        raise ValueError(f"norm_num_groups={config['norm_num_groups']} does not divide the channel widths {channels}")
-    return config
-
-
-def build_autoencoder(name_or_config):
-    """A freshly initialised KLVAE from a name in vae_configs or a config dict."""
-    if isinstance(name_or_config, str):
-        if name_or_config not in vae_configs:
-            raise KeyError(f"unknown autoencoder {name_or_config!r}; valid names: {sorted(vae_configs)}")
-        name_or_config = vae_configs[name_or_config]
-    return KLVAE(dict(name_or_config))
-
-
-#################################################################################
-#                     Pretrained Weights: Local Path or Hub Cache               #
-#################################################################################
-
-def find_weights(filename, url, path=None):
-    """Local path of a weight file: `path` if given, else torch hub's cache, downloading there when online."""
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weight file {path!r} does not exist (expected {filename}, from {url})")
-        return path
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if os.path.isfile(cached):
-        return cached
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, cached, progress=False)
-    except Exception as e:  # offline, proxy, HTTP error: say exactly what to fetch and where it goes
-        raise FileNotFoundError(
-            f"{filename} is not in torch hub's cache and could not be downloaded ({type(e).__name__}: {e}). "
-            f"Download {url} and put it at {cached}, or pass its path explicitly.") from None
-    return cached
-
-
-#################################################################################
-#            Autoencoder Checkpoints: LDM <-> diffusers, Load and Export        #
-#################################################################################
-# LDM names are this file's names. diffusers' AutoencoderKL stores the same tensors under other names (REFERENCE 4):
-#   encoder.down.{i}.block.{j}          <-> encoder.down_blocks.{i}.resnets.{j}      (nin_shortcut <-> conv_shortcut)
-#   encoder.down.{i}.downsample.conv    <-> encoder.down_blocks.{i}.downsamplers.0.conv
-#   decoder.up.{i}.block.{j}            <-> decoder.up_blocks.{L-1-i}.resnets.{j}    (diffusers counts coarse -> fine)
-#   decoder.up.{i}.upsample.conv        <-> decoder.up_blocks.{L-1-i}.upsamplers.0.conv
-#   *.mid.block_{1,2}                   <-> *.mid_block.resnets.{0,1}
-#   *.mid.attn_1.{norm,q,k,v,proj_out}  <-> *.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
-#                                           (1x1 conv [C, C, 1, 1] <-> Linear [C, C]; older files: query/key/value/proj_attn)
-#   *.norm_out                          <-> *.conv_norm_out
-_ATTN_LDM_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_DIFFUSERS_TO_LDM = {v: k for k, v in _ATTN_LDM_TO_DIFFUSERS.items()}
-_ATTN_OLD_DIFFUSERS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def ldm_to_diffusers_name(name, num_levels):
-    """LDM parameter name -> diffusers AutoencoderKL name (num_levels = len(ch_mult))."""
-    m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block|downsample|upsample|attn)\.(.*)", name)
-    if m:
-        part, updown, i, kind, rest = m.groups()
-        i = int(i) if part == "encoder" else num_levels - 1 - int(i)  # decoder levels are reversed
-        if kind == "block":
-            j, rest = rest.split(".", 1)
-            return f"{part}.{updown}_blocks.{i}.resnets.{j}.{rest.replace('nin_shortcut', 'conv_shortcut')}"
-        if kind in ("downsample", "upsample"):
-            return f"{part}.{updown}_blocks.{i}.{kind}rs.0.{rest}"
-        raise ValueError(f"{name}: diffusers' AutoencoderKL has no attention inside {updown} blocks")
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.*)", name)
-    if m:
-        part, sub, rest = m.groups()
-        if sub == "attn_1":
-            layer, param = rest.rsplit(".", 1)
-            return f"{part}.mid_block.attentions.0.{_ATTN_LDM_TO_DIFFUSERS[layer]}.{param}"
-        return f"{part}.mid_block.resnets.{int(sub[-1]) - 1}.{rest}"
-    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", name)
-
-
-def diffusers_to_ldm_name(name, num_levels):
-    """diffusers AutoencoderKL name (current or older attention names) -> LDM parameter name."""
-    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets\.\d+|downsamplers\.0|upsamplers\.0)\.(.*)",
-                     name)
-    if m:
-        part, updown, i, sub, rest = m.groups()
-        i = int(i) if part == "encoder" else num_levels - 1 - int(i)
-        if sub.startswith("resnets"):
-            return f"{part}.{updown}.{i}.block.{sub.split('.')[1]}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
-        return f"{part}.{updown}.{i}.{updown}sample.{rest}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets\.[01]|attentions\.0)\.(.*)", name)
-    if m:
-        part, sub, rest = m.groups()
-        if sub.startswith("resnets"):
-            return f"{part}.mid.block_{int(sub[-1]) + 1}.{rest}"
-        layer, param = rest.rsplit(".", 1)
-        layer = _ATTN_OLD_DIFFUSERS.get(layer, layer)
-        if layer not in _ATTN_DIFFUSERS_TO_LDM:
-            return name  # left unmapped: reported as an unexpected key by the loader
-        return f"{part}.mid.attn_1.{_ATTN_DIFFUSERS_TO_LDM[layer]}.{param}"
-    return re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", name)
-
-
-def _diffusers_to_ldm_state_dict(sd):
-    """Rename a diffusers state dict to LDM names; attention Linear [C, C] weights become 1x1 convs [C, C, 1, 1]."""
-    num_levels = 1 + max(int(m.group(2)) for k in sd if (m := re.match(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.", k)))
-    out = {}
-    for k, v in sd.items():
-        name = diffusers_to_ldm_name(k, num_levels)
-        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", name) and v.ndim == 2:
-            v = v[:, :, None, None]
-        out[name] = v
-    return out
-
-
-def _ldm_to_diffusers_state_dict(sd, num_levels):
-    """Rename an LDM state dict to diffusers names; attention 1x1 conv weights become Linear [C, C]."""
-    out = {}
-    for k, v in sd.items():
-        name = ldm_to_diffusers_name(k, num_levels)
-        if re.search(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", name):
-            v = v[:, :, 0, 0]
-        out[name] = v
-    return out
-
-
-def _config_from_diffusers(cfg):
-    """Our KLVAE config from a diffusers AutoencoderKL config.json."""
-    unsupported = []
-    if cfg.get("act_fn", "silu") != "silu":
-        unsupported.append(f"act_fn={cfg['act_fn']!r}")
-    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if cfg.get(key, True) is False:
-            unsupported.append(f"{key}=False")
-    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        if any(t != kind for t in cfg.get(key, [kind])):
-            unsupported.append(f"{key}={cfg[key]}")
-    if cfg.get("shift_factor") not in (None, 0, 0.0):
-        unsupported.append(f"shift_factor={cfg['shift_factor']}")
-    if unsupported:
-        raise ValueError(f"this diffusers autoencoder is not the SD-VAE / SDXL-VAE layout that KLVAE builds "
-                         f"({', '.join(unsupported)}); load an SD-VAE-family checkpoint")
-    widths = list(cfg["block_out_channels"])
-    if any(w % widths[0] for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
-    return dict(ch=widths[0], ch_mult=[w // widths[0] for w in widths], num_res_blocks=cfg.get("layers_per_block", 1),
-                attn_resolutions=[], z_channels=cfg.get("latent_channels", 4), embed_dim=cfg.get("latent_channels", 4),
-                in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3),
-                resolution=cfg.get("sample_size", 256), norm_num_groups=cfg.get("norm_num_groups", 32),
-                scaling_factor=cfg.get("scaling_factor", _SD_VAE["scaling_factor"]))
-
-
-def _infer_kl_config(sd, source):
-    """KLVAE config read off the tensor shapes of an LDM-named state dict (files without a config)."""
-    def shape(key):
-        if key not in sd:
-            raise KeyError(f"{source}: cannot infer the autoencoder architecture, tensor {key!r} is missing "
-                           f"(first keys: {sorted(sd)[:5]})")
-        return tuple(sd[key].shape)
-    ch, in_channels = shape("encoder.conv_in.weight")[:2]
-    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    num_res_blocks = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    resolution = 256  # not stored in weights; only places attention levels (attn_resolutions) below
-    config = dict(
-        ch=ch, in_channels=in_channels, num_res_blocks=num_res_blocks, resolution=resolution,
-        ch_mult=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels],
-        attn_resolutions=[resolution // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd],
-        z_channels=shape("decoder.conv_in.weight")[1], embed_dim=shape("post_quant_conv.weight")[1],
-        out_ch=shape("decoder.conv_out.weight")[0],
-    )
-    # LDM hard-codes GroupNorm(32); a file without a config cannot tell us anything else.
-    widths = [ch] + [ch * m for m in config["ch_mult"]]
-    if any(w % 32 for w in widths):
-        raise ValueError(f"{source}: channel widths {widths} are not multiples of 32, so the GroupNorm group count "
-                         f"cannot be inferred; load a checkpoint that carries its config (save_ldm / save_diffusers)")
-    return config
-
-
-class _PickleStub:
-    """Inert stand-in for a class a checkpoint pickled next to its weights (Lightning callbacks, argparse args)."""
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-def _torch_load(path):
-    """torch.load with weights_only=True, tolerating the Python objects that LDM's Lightning checkpoints pickle:
-    instead of unpickling arbitrary code (which would also need Lightning installed) each class the safe
-    unpickler refuses is allow-listed as an inert stub, and the load retried."""
-    stubs = []
-    while True:
-        try:
-            with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            m = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if m is None or len(stubs) >= 64 or any(name == m.group(1) for _, name in stubs):
-                raise ValueError(f"{path!r}: cannot read this checkpoint safely ({e})") from None
-            stubs.append((_PickleStub, m.group(1)))
-        except (RuntimeError, EOFError) as e:  # truncated zip, not a torch file at all
-            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({e})") from None
-
-
-def _read_checkpoint(path, ema=False):
-    """(state_dict, config or None, diffusers config or None) from any supported file or folder."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no autoencoder checkpoint at {path!r}")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
-            path = os.path.join(path, "vae")  # a whole diffusers pipeline folder: use its vae/ subfolder
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path) and find_vqgan_checkpoint(path):
-            return _read_checkpoint(find_vqgan_checkpoint(path), ema)  # taming / MaskGIT-pytorch VQ-GAN folder
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{path!r} is a folder without config.json (expected a diffusers AutoencoderKL "
-                                    f"folder: config.json + {' or '.join(_DIFFUSERS_WEIGHTS)})")
-        weights = [os.path.join(path, w) for w in _DIFFUSERS_WEIGHTS if os.path.isfile(os.path.join(path, w))]
-        if not weights:
-            raise FileNotFoundError(f"diffusers folder {path!r} has config.json but neither of {_DIFFUSERS_WEIGHTS}")
-        with open(config_path) as f:
-            diffusers_config = json.load(f)
-        return _read_checkpoint(weights[0])[0], None, diffusers_config
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-        return sd, json.loads(meta["config"]) if "config" in meta else None, None  # save_ldm stores its config here
-    if ext not in (".ckpt", ".pt", ".pth", ".bin"):
-        raise ValueError(f"unknown checkpoint format {ext!r} for {path!r}: expected a diffusers folder or a "
-                         f".safetensors, .ckpt, .pt, .pth or .bin file")
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint dict")
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
-    if isinstance(ckpt.get("state_dict"), dict):  # LDM / taming Lightning checkpoint, or our save_ldm
-        return ckpt["state_dict"], config, None
-    if isinstance(ckpt.get("model"), dict):  # this project's checkpoints: {"model", "config" or "args", ...}
-        if ema and not isinstance(ckpt.get("ema"), dict):
-            raise KeyError(f"{path!r} has no 'ema' weights (keys: {sorted(ckpt)})")
-        return ckpt["ema" if ema else "model"], config, None
-    return ckpt, None, None  # a plain state dict
-
-
-def _strip_prefixes(sd):
-    """Drop wrappers' prefixes (DDP, torch.compile, SD's first_stage_model., vae.) and the LDM loss.* tensors."""
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    for prefix in ("first_stage_model.", "vae."):
-        # A whole Stable Diffusion checkpoint also holds the UNet and text encoder: keep only the autoencoder.
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    # LDM training checkpoints carry the discriminator and LPIPS under loss.*: not part of the autoencoder.
-    return {k: v for k, v in sd.items() if not k.startswith("loss.") and torch.is_tensor(v)}
-
-
-class CheckpointMismatchError(KeyError, ValueError):
-    """A state dict that does not fit the model built for it (a KeyError for the keys, a ValueError for shapes)."""
+class UnknownModelError(KeyError, ValueError):
+    """A name that is in none of the tables (a KeyError for the lookup, a ValueError for the bad argument)."""
     def __str__(self):
-        return str(self.args[0])  # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
-def load_state_dict_checked(model, sd, source, describe=None):
-    """
-    model.load_state_dict(sd, strict=True) with an error that names the first missing and unexpected keys and the
-    first shape mismatch. describe: optional fn(state_dict) -> str naming the config a state dict was made for
-    (e.g. "DiT-XL/2"), so a checkpoint of another config says which one it is.
-    """
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        msg = []
-        if describe is not None:
-            try:
-                msg.append(f"checkpoint is {describe(sd)}, model is {describe(own)}")
-            except (KeyError, ValueError, IndexError):
-                pass  # too far off to describe: the keys below say enough
-        if missing or unexpected:
-            msg.append(f"{len(missing)} missing keys (first 5: {missing[:5]}), "
-                       f"{len(unexpected)} unexpected keys (first 5: {unexpected[:5]})")
-        if wrong:
-            k = wrong[0]
-            msg.append(f"{len(wrong)} shape mismatches, first {k}: shape {tuple(sd[k].shape)} in the checkpoint "
-                       f"vs {tuple(own[k].shape)} in the model")
-        raise CheckpointMismatchError(f"{source}: state dict does not fit the {type(model).__name__} built for it: "
-                                      + "; ".join(msg))
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
-def load_autoencoder(path, ema=False):
-    """A KLVAE (or taming VQGAN) in eval mode from a diffusers folder, an LDM / diffusers / taming file, or this
-    project's checkpoint ({"model", "config" or "args", ...}; ema=True takes its "ema" weights instead)."""
-    sd, config, diffusers_config = _read_checkpoint(path, ema)
-    source = str(path)
-    sd = _strip_prefixes(sd)
-    if "quantize.embedding.weight" in sd:  # taming VQ-GAN (REFERENCE 5): built by the VQ-GAN section
-        return load_vqgan_from_state_dict(sd, source, config=config).eval()  # own VQ checkpoints carry a config
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
-        sd = _diffusers_to_ldm_state_dict(sd)
-    # Some diffusers -> LDM conversions leave the attention 1x1 convs as 2-D [C, C] matrices.
-    sd = {k: v[:, :, None, None] if v.ndim == 2 and re.search(r"\.attn(_1|\.\d+)\.(q|k|v|proj_out)\.weight$", k)
-          else v for k, v in sd.items()}
-    if not any(k.startswith("encoder.") for k in sd):
-        raise ValueError(f"{source}: not an autoencoder checkpoint (no encoder.* tensors; first keys: {sorted(sd)[:5]})")
-    if diffusers_config is not None:
-        config = _config_from_diffusers(diffusers_config)  # scaling_factor as the folder says (eq-vae-ema: 0.0683)
-    elif config is None:
-        config = _infer_kl_config(sd, source)  # scaling_factor: SD-VAE's default (set SDXL's 0.13025 yourself)
-    vae = KLVAE(config)
-    load_state_dict_checked(vae, sd, source)
-    return vae.eval()
-
-
-def _export_state_dict(vae):
-    """The model's tensors, detached, contiguous, on the CPU (safetensors refuses shared or strided storage)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in vae.state_dict().items()}
-
-
-def save_diffusers(vae, folder):
-    """Write `vae` as a diffusers AutoencoderKL folder: config.json + diffusion_pytorch_model.safetensors."""
-    from safetensors.torch import save_file
-    c = vae.config
-    if c["attn_resolutions"] or c["embed_dim"] != c["z_channels"]:
-        raise ValueError("diffusers' AutoencoderKL has no attention outside the mid block and one latent width "
-                         f"(attn_resolutions={c['attn_resolutions']}, embed_dim={c['embed_dim']}, z={c['z_channels']})")
-    L = len(c["ch_mult"])
-    config = {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0",
-        "in_channels": c["in_channels"], "out_channels": c["out_ch"],
-        "down_block_types": ["DownEncoderBlock2D"] * L, "up_block_types": ["UpDecoderBlock2D"] * L,
-        "block_out_channels": [c["ch"] * m for m in c["ch_mult"]], "layers_per_block": c["num_res_blocks"],
-        "act_fn": "silu", "latent_channels": c["z_channels"], "norm_num_groups": c["norm_num_groups"],
-        "sample_size": c["resolution"], "scaling_factor": float(vae.scaling_factor),
-    }
-    os.makedirs(folder, exist_ok=True)
-    save_file(_ldm_to_diffusers_state_dict(_export_state_dict(vae), L),
-              os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def save_ldm(vae, path):
-    """Write `vae` in LDM format: {"state_dict": LDM names} (.ckpt/.pt/.pth) or a flat .safetensors file; our
-    config rides along ("config" key / safetensors metadata) and is ignored by LDM's own loader."""
-    config = dict(vae.config, scaling_factor=float(vae.scaling_factor))
-    sd = _export_state_dict(vae)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-        save_file(sd, path, metadata={"format": "pt", "config": json.dumps(config)})
-    else:
-        torch.save({"state_dict": sd, "config": config}, path)
+def build(table, name, **kwargs):
+    """table[name](**kwargs), e.g. build(DiT_models, "DiT-XL/2", input_size=32); an unknown name lists the valid."""
+    if name not in table:
+        raise UnknownModelError(f"unknown model {name!r}; valid: {', '.join(table)}")
+    return table[name](**kwargs)
 
 
 #################################################################################
 #                        LPIPS (VGG16, lin layers v0.1)                         #
 #################################################################################
-
-_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-_LPIPS_VGG_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
-
 
 class NetLinLayer(nn.Module):
     """LPIPS's per-layer weighting: dropout then a 1x1 conv to one channel, no bias (keys lin{k}.model.1.weight)."""
@@ -669,14 +375,17 @@ class NetLinLayer(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """Learned perceptual distance (Zhang et al. 2018), VGG16 variant v0.1; frozen, built in eval mode."""
+    """
+    Learned perceptual distance (Zhang et al. 2018), VGG16 variant v0.1; frozen, built in eval mode, with random
+    weights (tests): checkpoints.load_lpips() gives the released ones (torchvision's VGG16 + the v0.1 lin layers).
+    """
     # Note: the lin layers' Dropout is identity in eval mode. LDM keeps LPIPS inside its Lightning module, whose
     # .train() switches that dropout on during autoencoder training; call .train() to reproduce that, .eval() not to.
     chns = (64, 128, 256, 512, 512)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
-    def __init__(self, vgg_weights=None, lin_weights=None, pretrained=True):
+    def __init__(self):
         super().__init__()
-        # Scaling layer: maps [-1, 1] inputs to ImageNet-normalised ones (REFERENCE 6).
+        # Scaling layer: maps [-1, 1] inputs to ImageNet-normalised ones (lpips/pretrained_networks.py ScalingLayer).
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         # torchvision's vgg16().features[:30], same indices, so features.{i}.* load from vgg16-397923af.pth.
@@ -690,29 +399,16 @@ class LPIPS(nn.Module):
         self.features = nn.Sequential(*layers)
         self.slice_ends = (4, 9, 16, 23, 30)  # after features[3]=relu1_2, [8], [15], [22], [29]=relu5_3
         self.lins = nn.ModuleDict({f"lin{k}": NetLinLayer(c) for k, c in enumerate(self.chns)})  # the file's names
-        if pretrained:
-            self._load_pretrained(vgg_weights, lin_weights)
-        else:
-            # Random weights for tests: torchvision's VGG init; lin weights >= 0 like the trained ones (LPIPS
-            # clamps them during training), so distances stay non-negative.
-            for m in self.features:
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
-            for lin, c in zip(self.lins.values(), self.chns):
-                nn.init.uniform_(lin.model[1].weight, 0.0, 2.0 / c)
+        # Random weights: torchvision's VGG init; lin weights >= 0 like the trained ones (LPIPS clamps them during
+        # training), so distances stay non-negative.
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        for lin, c in zip(self.lins.values(), self.chns):
+            nn.init.uniform_(lin.model[1].weight, 0.0, 2.0 / c)
         self.requires_grad_(False)
         self.eval()
-
-    def _load_pretrained(self, vgg_weights, lin_weights):
-        """Load torchvision's VGG16 features and LPIPS v0.1 lin weights (paths, or torch hub's cache)."""
-        vgg = torch.load(find_weights("vgg16-397923af.pth", _VGG16_URL, vgg_weights), map_location="cpu",
-                         weights_only=True)
-        vgg = {k[len("features."):]: v for k, v in vgg.items()
-               if k.startswith("features.") and int(k.split(".")[1]) < len(self.features)}
-        load_state_dict_checked(self.features, vgg, "VGG16 weights")
-        lin = torch.load(find_weights("vgg.pth", _LPIPS_VGG_URL, lin_weights), map_location="cpu", weights_only=True)
-        load_state_dict_checked(self.lins, lin, "LPIPS lin weights")  # keys lin{k}.model.1.weight
 
     def forward(self, x, y):
         """x, y: (N, 3, H, W) in [-1, 1] -> (N,) distances."""
@@ -740,7 +436,7 @@ class NLayerDiscriminator(nn.Module):
         nf_mult = 1
         for n in range(1, n_layers + 1):
             nf_prev, nf_mult = nf_mult, min(2 ** n, 8)
-            stride = 2 if n < n_layers else 1  # 64->128, 128->256 stride 2; 256->512 stride 1 (REFERENCE 1)
+            stride = 2 if n < n_layers else 1  # 64->128, 128->256 stride 2; 256->512 stride 1 (taming discriminator/model.py)
             # No conv bias before BatchNorm: BN's shift makes it redundant (and taming's files have none).
             layers += [nn.Conv2d(ndf * nf_prev, ndf * nf_mult, kernel_size=4, stride=stride, padding=1, bias=False),
                        nn.BatchNorm2d(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
@@ -762,7 +458,7 @@ def weights_init(m):
 
 
 def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (REFERENCE 1)."""
+    """Discriminator hinge loss 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (taming losses/vqperceptual.py hinge_d_loss)."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
@@ -861,22 +557,36 @@ def codebook_usage(indices, n_embed):
 
 
 class VQGAN(nn.Module):
-    """Taming VQModel: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder."""
+    """
+    Taming VQModel: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder. The defaults are taming's
+    configs/imagenet_vqgan.yaml: the f16 / 1024-code VQ-GAN of MaskGIT-pytorch and of the paper's Table 1, 72,141,699
+    parameters, 16 x 16 tokens at 256 px (beta 0.25 is hard-coded in taming's VQModel; legacy=True is
+    VectorQuantizer2's default). ddconfig keys as KLVAE; n_embed codes of embed_dim channels.
+    """
 
-    def __init__(self, config="vqgan-f16-1024"):
+    def __init__(self, ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                 in_channels=3, resolution=256, z_channels=256, norm_num_groups=32, dropout=0.0, n_embed=1024,
+                 embed_dim=256, beta=0.25, legacy=True):
         super().__init__()
-        config = _vq_resolve_config(config)
-        self.config = config
-        dd = {k: config[k] for k in _VQ_DDCONFIG_KEYS}  # taming's "ddconfig"
+        dd = dict(ch=ch, out_ch=out_ch, ch_mult=[int(m) for m in ch_mult], num_res_blocks=num_res_blocks,
+                  attn_resolutions=[int(r) for r in attn_resolutions], in_channels=in_channels, resolution=resolution,
+                  z_channels=z_channels, norm_num_groups=norm_num_groups, dropout=dropout)  # taming's "ddconfig"
+        self.config = dict(dd, n_embed=n_embed, embed_dim=embed_dim, beta=beta, legacy=legacy)
         # Modules in taming's order, so state_dict() lists the keys as released checkpoints do.
         self.encoder = Encoder(**dd, double_z=False)
         self.decoder = Decoder(**dd, double_z=False)
-        self.quantize = VectorQuantizer(config["n_embed"], config["embed_dim"], beta=config["beta"],
-                                        legacy=config["legacy"])
-        self.quant_conv = nn.Conv2d(config["z_channels"], config["embed_dim"], 1)
-        self.post_quant_conv = nn.Conv2d(config["embed_dim"], config["z_channels"], 1)
-        # VQ latents are used as they are (MaskGIT consumes indices); kept so code written for KLVAE runs unchanged.
-        self.scaling_factor = 1.0
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    @property
+    def downsampling(self):
+        """f: token grid side = image side / f (16 for f16-1024)."""
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    def latent_shape(self, resolution):
+        """(C, h, w) of the continuous latent of a resolution x resolution image (the token grid is (h, w))."""
+        return (self.config["embed_dim"], resolution // self.downsampling, resolution // self.downsampling)
 
     def encode(self, x):
         """x: (B, 3, H, W) in [-1, 1] -> continuous latent (B, embed_dim, H/f, W/f), before quantisation
@@ -905,162 +615,17 @@ class VQGAN(nn.Module):
         return self.decoder.conv_out.weight
 
 
-#################################################################################
-#                               VQ-GAN Configs                                  #
-#################################################################################
-
-_VQ_DDCONFIG_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels", "resolution",
-                     "z_channels", "norm_num_groups", "dropout")
-
-vq_configs = {
-    # taming configs/imagenet_vqgan.yaml: the f16 / 1024-code VQ-GAN of MaskGIT-pytorch and of the paper's Table 1,
-    # 72,141,699 parameters, 16 x 16 tokens at 256 px (beta 0.25 is hard-coded in taming's VQModel; legacy=True is
-    # VectorQuantizer2's default).
-    "vqgan-f16-1024": dict(ch=128, out_ch=3, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
-                           in_channels=3, resolution=256, z_channels=256, norm_num_groups=32, n_embed=1024,
-                           embed_dim=256, beta=0.25, legacy=True),
+VQGAN_models = {
+    "vqgan-f16-1024": partial(VQGAN),  # taming / MaskGIT-pytorch's tokenizer (the defaults above)
     # CPU-sized for tests and the demo at 64 px (818K parameters in the encoder + decoder, ~2x faster than ch 32).
     # f8 rather than f16: 64 px / 16 would leave a 4 x 4 token grid, too small for MaskGIT's masking schedule and
     # for EQ-VAE's latent rescaling (only 2 x 2 and 3 x 3 targets); 8 x 8 keeps both meaningful. Attention at the
     # lowest resolution (8 px) as f16-1024 has it at its lowest (16); widths and GroupNorm(8) as the tiny KL-VAE;
     # a 256-code x 16-dim codebook keeps z_channels == embed_dim as in the full model. (taming itself cannot build
     # this one: it hard-codes GroupNorm(32).)
-    "tiny": dict(ch=16, out_ch=3, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8], in_channels=3,
-                 resolution=64, z_channels=16, norm_num_groups=8, n_embed=256, embed_dim=16, beta=0.25,
-                 legacy=True),
+    "tiny": partial(VQGAN, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
+                    z_channels=16, norm_num_groups=8, n_embed=256, embed_dim=16),
 }
-_VQ_DEFAULTS = dict(in_channels=3, out_ch=3, norm_num_groups=32, dropout=0.0, beta=0.25, legacy=True)
-
-
-def _vq_resolve_config(config):
-    """A vq_configs name or a config dict -> a complete config dict (a copy); unknown keys are an error."""
-    if isinstance(config, str):
-        if config not in vq_configs:
-            raise ValueError(f"unknown VQ-GAN config {config!r}; valid names: {sorted(vq_configs)}")
-        config = vq_configs[config]
-    valid = set(_VQ_DDCONFIG_KEYS) | {"n_embed", "embed_dim", "beta", "legacy"}
-    unknown = sorted(set(config) - valid)
-    if unknown:
-        raise ValueError(f"unknown VQ-GAN config keys {unknown}; valid keys: {sorted(valid)}")
-    config = {**_VQ_DEFAULTS, **config}
-    missing = sorted(valid - set(config))
-    if missing:
-        raise ValueError(f"VQ-GAN config is missing {missing}")
-    for key in ("ch_mult", "attn_resolutions"):
-        config[key] = [int(v) for v in config[key]]  # lists, as the KL configs: JSON- and weights_only-friendly
-    return config
-
-
-#################################################################################
-#                         VQ-GAN Checkpoint Loading and Saving                  #
-#################################################################################
-# Formats: taming's Lightning last.ckpt ({"state_dict": {encoder.*, decoder.*, quantize.*, quant_conv.*,
-# post_quant_conv.*, loss.*}}, plus Lightning bookkeeping), the same file as MaskGIT-pytorch distributes it
-# (pretrained_maskgit/VQGAN/last.ckpt next to model.yaml; its trainer reads ckpts/last.ckpt + configs/model.yaml,
-# taming's release layout), a plain state dict, LDM checkpoints with a VQ first stage under first_stage_model.,
-# and this project's {"model": sd, "config": cfg}. model.yaml is never needed: shapes give the architecture.
-
-def _vq_unwrap(obj, source):
-    """Checkpoint object -> (flat VQModel state dict without loss.* keys, saved config or None)."""
-    config = None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # taming / Lightning
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        config = obj.get("config") if isinstance(obj.get("config"), dict) else None
-        obj = obj["model"]  # this project's {"model": sd, "config": cfg}
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
-    # Prefixes (DDP module., first_stage_model. of a whole LDM) and taming's loss.* (VQLPIPSWithDiscriminator's
-    # LPIPS + PatchGAN, stored next to the model) are handled as for the KL autoencoder.
-    return _strip_prefixes(obj), config
-
-
-def infer_vqgan_config(sd, source="state dict"):
-    """Read a VQ-GAN config off the tensor shapes of a taming-named state dict."""
-    def shape(key):
-        if key not in sd:
-            raise ValueError(f"{source}: not a taming VQ-GAN state dict, tensor {key!r} is missing "
-                             f"(first keys: {sorted(sd)[:5]})")
-        return tuple(sd[key].shape)
-
-    n_embed, embed_dim = shape("quantize.embedding.weight")
-    ch, in_channels = shape("encoder.conv_in.weight")[:2]
-    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    if not levels or levels != list(range(len(levels))):
-        raise ValueError(f"{source}: encoder.down levels {levels} are not 0, 1, ..., L-1")
-    attn_levels = [i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd]
-    config = dict(
-        ch=ch, in_channels=in_channels, out_ch=shape("decoder.conv_out.weight")[0],
-        ch_mult=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels],
-        num_res_blocks=len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}),
-        z_channels=shape("quant_conv.weight")[1], n_embed=n_embed, embed_dim=embed_dim)
-    # The weights store neither the training resolution (it only places attention: the network is convolutional)
-    # nor the GroupNorm group count. A known config with these shapes supplies both; else taming's 256 px and 32.
-    for known in vq_configs.values():
-        known_attn = [i for i in levels if known["resolution"] // 2 ** i in known["attn_resolutions"]]
-        if all(known[k] == v for k, v in config.items()) and known_attn == attn_levels:
-            return _vq_resolve_config(known)
-    widths = [ch] + [ch * m for m in config["ch_mult"]]
-    if any(w % 32 for w in widths):
-        raise ValueError(f"{source}: channel widths {widths} are not multiples of 32, so the GroupNorm group count "
-                         f"cannot be inferred; pass config= or load a checkpoint that carries its config")
-    return _vq_resolve_config(dict(config, resolution=256, attn_resolutions=[256 // 2 ** i for i in attn_levels]))
-
-
-def load_vqgan_from_state_dict(sd, source="state dict", config=None):
-    """A taming / MaskGIT / LDM / own-format VQ-GAN state dict (wrapped or not) -> VQGAN in eval mode.
-    config: None (read from the checkpoint or inferred from shapes), a vq_configs name, or a dict."""
-    sd, saved_config = _vq_unwrap(sd, source)
-    inferred = infer_vqgan_config(sd, source)
-    if config is None:
-        config = saved_config if saved_config is not None else inferred
-    else:
-        config = _vq_resolve_config(config)
-        # The two mistakes worth a sentence of their own: the wrong codebook size or the wrong code width.
-        if config["n_embed"] != inferred["n_embed"]:
-            raise ValueError(f"{source}: codebook has {inferred['n_embed']} codes (quantize.embedding.weight "
-                             f"{tuple(sd['quantize.embedding.weight'].shape)}) but the config asks for "
-                             f"n_embed={config['n_embed']}")
-        if config["embed_dim"] != inferred["embed_dim"]:
-            raise ValueError(f"{source}: codes are {inferred['embed_dim']}-dim (quantize.embedding.weight "
-                             f"{tuple(sd['quantize.embedding.weight'].shape)}) but the config asks for "
-                             f"embed_dim={config['embed_dim']}")
-    model = VQGAN(config)
-    load_state_dict_checked(model, sd, source)  # names missing / unexpected keys and shape mismatches
-    return model.eval()
-
-
-def find_vqgan_checkpoint(folder):
-    """The checkpoint file of a taming / MaskGIT-pytorch VQGAN folder, or None."""
-    for name in ("last.ckpt", os.path.join("ckpts", "last.ckpt")):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def load_vqgan(path, config=None):
-    """A VQ-GAN checkpoint file or folder (taming / MaskGIT-pytorch: last.ckpt or ckpts/last.ckpt; model.yaml is
-    not needed, the architecture is read off the shapes) -> VQGAN in eval mode."""
-    if os.path.isdir(path):
-        file = find_vqgan_checkpoint(path)
-        if file is None:
-            raise FileNotFoundError(f"{path}: no VQ-GAN checkpoint in this folder (looked for last.ckpt and "
-                                    f"ckpts/last.ckpt, the taming / MaskGIT-pytorch layouts)")
-        path = file
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQ-GAN checkpoint {path} does not exist")
-    # _torch_load (KL section): weights_only=True, with inert stubs for the Lightning objects taming pickled
-    return load_vqgan_from_state_dict(_torch_load(path), source=path, config=config)
-
-
-def save_taming(vq, path):
-    """Write vq in taming's layout ({"state_dict": ...}) that taming's VQModel.init_from_ckpt and MaskGIT-pytorch
-    read; written to a temporary file and renamed, so an interrupted save leaves no half file."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in vq.state_dict().items()}
-    tmp = f"{path}.tmp"
-    torch.save({"state_dict": sd}, tmp)
-    os.replace(tmp, path)
 
 
 #################################################################################
@@ -1194,7 +759,7 @@ def psnr(x, y, peak=255.0):
 #               DiT: Embedding Layers for Timesteps and Class Labels            #
 #################################################################################
 # The DiT/SiT/REPA backbone (Peebles & Xie 2023; Ma et al. 2024; Yu et al. 2025). Parameter names and shapes are
-# those of facebookresearch/DiT's models.py (REFERENCE 7), so the official DiT-XL-2-256x256.pt, SiT-XL-2-256.pt and
+# those of facebookresearch/DiT's models.py, so the official DiT-XL-2-256x256.pt, SiT-XL-2-256.pt and
 # REPA checkpoints load with load_state_dict unchanged. The timm PatchEmbed/Attention/Mlp the official code imports
 # are written out below with the same attribute names (proj, qkv, fc1, fc2).
 
@@ -1386,38 +951,26 @@ class DiT(nn.Module):
         self.final_layer = DiTFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
+    @torch.no_grad()
     def initialize_weights(self):
-        # Xavier-uniform on every Linear (projectors included, as REPA), zero biases:
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-        self.apply(_basic_init)
-        if self.pos_embed.is_meta:  # built on the meta device (shape checks): nothing to fill
-            return
-
-        # Fixed sin-cos position embedding (MAE):
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], int(self.x_embedder.num_patches ** 0.5))
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-
-        # Patch embedding initialised like nn.Linear on the flattened kernel (instead of nn.Conv2d's default):
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        # adaLN-Zero: every block starts as the identity (DiT Sec. 3.2), and the output starts at zero.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        """
+        DiT's initialisation (its models.py), as one rule per parameter: adaLN-Zero (DiT Sec. 3.2) zeroes every
+        adaLN modulation output and the final linear layer, so each block starts as the identity and the model
+        predicts 0; the label table and the timestep MLP's weights are N(0, 0.02); every other weight matrix is
+        Xavier-uniform (the patch convolution as the matrix it is on flattened patches), biases 0; the position
+        embedding is the fixed 2-D sin-cos table (MAE). REPA's projectors follow the general rule, as in REPA.
+        """
+        for name, p in self.named_parameters():
+            if name == "pos_embed":
+                if not p.is_meta:  # built on the meta device for shape checks: nothing to fill
+                    grid = int(self.x_embedder.num_patches ** 0.5)
+                    p.copy_(torch.from_numpy(get_2d_sincos_pos_embed(p.shape[-1], grid)).float().unsqueeze(0))
+            elif "adaLN_modulation" in name or name.startswith("final_layer.linear") or name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.startswith(("y_embedder.", "t_embedder.")):
+                nn.init.normal_(p, std=0.02)
+            else:
+                nn.init.xavier_uniform_(p.view(p.shape[0], -1))
 
     def unpatchify(self, x):
         """x: (N, T, p*p*C) -> (N, C, H, W)."""
@@ -1496,61 +1049,22 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   DiT Configs                                  #
 #################################################################################
 
-# (depth, hidden size, heads) of each size (DiT Table 1); SiT and REPA use the same four, with patch 2, 4 or 8.
-# "T" is not in the papers: a CPU-sized model for the tiny preset and tests (8x8x4 latents of 64 px images).
-DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (4, 128, 4)}
-
-
-def _model_configs(family, build):
-    """{"DiT-XL/2": fn, ...}: one constructor per size and patch, fn(**kwargs) -> build(depth=..., ..., **kwargs)."""
-    def config(depth, hidden_size, num_heads, patch_size):
-        return lambda **kwargs: build(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                                      patch_size=patch_size, **kwargs)
-    return {f"{family}-{size}/{p}": config(*DIT_SIZES[size], p)
-            for size in DIT_SIZES for p in ((2,) if size == "T" else (2, 4, 8))}
-
-
-DiT_models = _model_configs("DiT", DiT)
-
-
-def build_dit(name, **kwargs):
-    """DiT_models[name](**kwargs) with a clear error for an unknown name."""
-    if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; valid DiT models: {', '.join(DiT_models)}")
-    return DiT_models[name](**kwargs)
-
-
-def dit_config_from_state_dict(state_dict):
-    """Read (depth, hidden_size, patch_size, in_channels, out_channels, input_size, num_classes) off DiT weights."""
-    w = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
-    hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    out_ch = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
-    grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
-    return dict(depth=depth, hidden_size=hidden, patch_size=p, in_channels=in_ch, out_channels=out_ch,
-                input_size=grid * p, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1)
-
-
-def _describe_dit(cfg):
-    """Human-readable config, with the DiT_models name when one matches."""
-    known = {(28, 1152): "XL", (24, 1024): "L", (12, 768): "B", (12, 384): "S", (4, 128): "T"}
-    size = known.get((cfg["depth"], cfg["hidden_size"]))
-    name = f"DiT-{size}/{cfg['patch_size']} " if size else ""
-    return (f"{name}(depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch {cfg['patch_size']}, "
-            f"{cfg['in_channels']}->{cfg['out_channels']} channels, {cfg['input_size']}x{cfg['input_size']} latents, "
-            f"{cfg['num_classes']} classes)")
-
-
-def load_dit_weights(model, state_dict, source="checkpoint"):
-    """model.load_state_dict(state_dict) with errors that say which config the checkpoint was trained for."""
-    return load_state_dict_checked(model, state_dict, source,
-                                   describe=lambda sd: _describe_dit(dit_config_from_state_dict(sd)))
+# Depth, width and heads of each size (DiT Table 1); SiT and REPA use the same sizes, with patch 2, 4 or 8. "T" is
+# not in the papers: a CPU-sized model for the tiny preset and
+# tests (8 x 8 x 4 latents of 64 px images).
+DIT_SIZES = {"XL": dict(depth=28, hidden_size=1152, num_heads=16), "L": dict(depth=24, hidden_size=1024, num_heads=16),
+             "B": dict(depth=12, hidden_size=768, num_heads=12), "S": dict(depth=12, hidden_size=384, num_heads=6),
+             "T": dict(depth=4, hidden_size=128, num_heads=4)}
+DIT_PATCHES = {"XL": (2, 4, 8), "L": (2, 4, 8), "B": (2, 4, 8), "S": (2, 4, 8), "T": (2,)}
+DiT_models = {f"DiT-{size}/{p}": partial(DiT, patch_size=p, **cfg) for size, cfg in DIT_SIZES.items()
+              for p in DIT_PATCHES[size]}
 
 
 #################################################################################
 #                  Gaussian Diffusion (DiT's training and sampling)             #
 #################################################################################
-# DDPM (Ho et al. 2020) with the improvements of IDDPM (Nichol & Dhariwal 2021) that DiT trains with (REFERENCE 7):
+# DDPM (Ho et al. 2020) with the improvements of IDDPM (Nichol & Dhariwal 2021) that DiT trains with (its
+# diffusion/gaussian_diffusion.py):
 # 1000-step linear betas, eps prediction, learned-range variance trained by the VLB on a detached mean, and respaced
 # sampling. Schedule constants are float64 numpy arrays as in the reference; they are gathered per timestep and cast
 # to float32 where they meet the tensors.
@@ -1665,12 +1179,6 @@ class GaussianDiffusion:
         return out[0] if isinstance(out, tuple) else out  # REPA returns (output, projections)
 
     # ---- forward process ----
-    def q_mean_variance(self, x_start, t):
-        """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): (mean, variance, log variance)."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        return mean, self._extract(1.0 - self.alphas_cumprod, t, x_start), \
-            self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
-
     def q_sample(self, x_start, t, noise=None):
         """Draw x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. t = 0 is one step of noise."""
         if noise is None:
@@ -1833,14 +1341,20 @@ def create_diffusion(timestep_respacing="", learn_sigma=True, diffusion_steps=10
 #################################################################################
 #                          SiT and SiT+REPA Configs                             #
 #################################################################################
-# SiT (Ma et al. 2024) is DiT's network trained as a flow: the same blocks and keys (REFERENCE 8), t in [0, 1]
+# SiT (Ma et al. 2024) is DiT's network trained as a flow: the same blocks and keys (SiT's models.py), t in [0, 1]
 # fed to the same sinusoidal embedder, and the output read as a velocity. The released SiT-XL-2-256.pt still has
 # DiT's learned-sigma head (8 channels); SiT's forward keeps the first half and ignores the rest. REPA (Yu et al.
 # 2025) drops that head (4 channels) and adds projectors on the hidden states after block `encoder_depth`;
-# forward then returns (output, [projected tokens]) as REPA's models/sit.py does (REFERENCE 9).
+# forward then returns (output, [projected tokens]) as REPA's models/sit.py does.
 
 class SiT(DiT):
     """DiT's backbone as SiT and REPA use it: velocity output, DiT's learned-sigma channels dropped."""
+
+    def __init__(self, learn_sigma=None, **kwargs):
+        # SiT's checkpoints keep DiT's learned-sigma head; REPA's model (projectors given) has none.
+        if learn_sigma is None:
+            learn_sigma = kwargs.get("encoder_depth") is None and not kwargs.get("z_dims")
+        super().__init__(learn_sigma=learn_sigma, **kwargs)
 
     def forward(self, x, t, y):
         """
@@ -1856,46 +1370,8 @@ class SiT(DiT):
         return out.chunk(2, dim=1)[0]
 
 
-def _sit(learn_sigma=None, **kwargs):
-    """SiT with learned-sigma channels unless it is REPA's model (projectors given), which has none."""
-    if learn_sigma is None:
-        learn_sigma = kwargs.get("encoder_depth") is None and not kwargs.get("z_dims")
-    return SiT(learn_sigma=learn_sigma, **kwargs)
-
-
-SiT_models = _model_configs("SiT", _sit)
-
-
-def build_sit(name, **kwargs):
-    """SiT_models[name](**kwargs) with a clear error for an unknown name."""
-    if name not in SiT_models:
-        raise ValueError(f"unknown model {name!r}; valid SiT models: {', '.join(SiT_models)}")
-    return SiT_models[name](**kwargs)
-
-
-def sit_from_state_dict(state_dict, encoder_depth=None, **kwargs):
-    """
-    Build the SiT or REPA model a state dict was saved from and load it (keys checked, errors name them).
-    Learned sigma is read off the output width, REPA's projectors off `projectors.*`; REPA's encoder_depth is not
-    stored in its checkpoints: None means 8 (the released SiT-XL/2 + REPA), or the depth of a shallower model
-    (sampling never uses the projectors, so it only has to be valid).
-    """
-    cfg = dit_config_from_state_dict(state_dict)
-    encoder_depth = min(8, cfg["depth"]) if encoder_depth is None else encoder_depth
-    z_dims, proj_dim, i = [], 2048, 0
-    while f"projectors.{i}.4.weight" in state_dict:
-        z_dims.append(state_dict[f"projectors.{i}.4.weight"].shape[0])
-        proj_dim = state_dict[f"projectors.{i}.0.weight"].shape[0]
-        i += 1
-    repa = dict(encoder_depth=encoder_depth, z_dims=z_dims, projector_dim=proj_dim) if z_dims else {}
-    # The head count leaves no trace in the weights: take the SiT_models config of this width (64-dim heads).
-    heads = kwargs.pop("num_heads", None) or {w: h for _, w, h in DIT_SIZES.values()}.get(cfg["hidden_size"])
-    if heads is None:
-        raise ValueError(f"hidden size {cfg['hidden_size']} is no SiT_models config: pass num_heads")
-    model = SiT(input_size=cfg["input_size"], patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
-                hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=heads, num_classes=cfg["num_classes"],
-                learn_sigma=cfg["out_channels"] == 2 * cfg["in_channels"], **repa, **kwargs)
-    return load_dit_weights(model, state_dict)
+SiT_models = {f"SiT-{size}/{p}": partial(SiT, patch_size=p, **cfg) for size, cfg in DIT_SIZES.items()
+              for p in DIT_PATCHES[size]}
 
 
 #################################################################################
@@ -2231,7 +1707,7 @@ def dopri5(f, x, t0, t1, atol=1e-6, rtol=1e-3, safety=0.9, ifactor=10.0, dfactor
     raise RuntimeError(f"dopri5 did not reach t={t1} in {max_steps} steps (stopped at t={t})")
 
 
-# Sampling settings of each family's published evaluation (REFERENCE 8, 9). SiT: adaptive ODE (or SDE with 250
+# Sampling settings of each family's published evaluation (SiT's sample.py / sample_ddp.py, REPA's generate.py). SiT: adaptive ODE (or SDE with 250
 # steps), CFG on 3 channels everywhere. REPA: SDE with 250 steps, CFG 1.8 on all channels inside t in [0, 0.7].
 SAMPLER_DEFAULTS = {
     "sit": dict(clock="sit", mode="ode", sampler="dopri5", ode_steps=250, sde_steps=250, cfg_scale=1.5,
@@ -2277,7 +1753,7 @@ def sample_transport(model, z, y, *, family="sit", mode=None, sampler=None, step
 # DINOv2 ViT/14 without registers (Oquab et al. 2023), as facebookresearch/dinov2's hub models build it: patch 14,
 # 518 px position grid (37 x 37 + class token), LayerScale (init 1.0), LayerNorm eps 1e-6, exact GELU MLP (ViT-g:
 # SwiGLU FFN). Names and shapes are those of dinov2_vit*14_pretrain.pth, so the released files load unchanged.
-# REPA aligns SiT's hidden states with forward_features(x)["x_norm_patchtokens"] of ViT-B/14 (REFERENCE 9).
+# REPA aligns SiT's hidden states with forward_features(x)["x_norm_patchtokens"] of ViT-B/14 (REPA Sec. 3.3).
 
 class DINOv2Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (dinov2 layers/attention.py names)."""
@@ -2443,45 +1919,16 @@ class DINOv2(nn.Module):
         return self.forward_features(x)["x_norm_clstoken"]
 
 
-def dinov2_vits14(**kwargs): return DINOv2(embed_dim=384, depth=12, num_heads=6, **kwargs)
-def dinov2_vitb14(**kwargs): return DINOv2(embed_dim=768, depth=12, num_heads=12, **kwargs)
-def dinov2_vitl14(**kwargs): return DINOv2(embed_dim=1024, depth=24, num_heads=16, **kwargs)
-def dinov2_vitg14(**kwargs): return DINOv2(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu", **kwargs)
-# Not a released model: a random-weight stand-in with ViT-B's interface but tiny, for --preset tiny and tests
-# (no DINOv2 weights exist offline). Its features carry no meaning; it only exercises the REPA code path.
-def dinov2_tiny(**kwargs): return DINOv2(embed_dim=64, depth=2, num_heads=2, **kwargs)
-
-
-DINOv2_models = {"dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14, "dinov2_vitl14": dinov2_vitl14,
-                 "dinov2_vitg14": dinov2_vitg14, "dinov2_tiny": dinov2_tiny}
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}_pretrain.pth"
+DINOv2_models = {
+    "dinov2_vits14": partial(DINOv2, embed_dim=384, depth=12, num_heads=6),
+    "dinov2_vitb14": partial(DINOv2, embed_dim=768, depth=12, num_heads=12),  # REPA's encoder
+    "dinov2_vitl14": partial(DINOv2, embed_dim=1024, depth=24, num_heads=16),
+    "dinov2_vitg14": partial(DINOv2, embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
+    # Not a released model: a random-weight stand-in with ViT-B's interface but tiny, for --preset tiny and tests
+    # (no DINOv2 weights exist offline). Its features carry no meaning; it only exercises the REPA code path.
+    "dinov2_tiny": partial(DINOv2, embed_dim=64, depth=2, num_heads=2),
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def load_dinov2(name="dinov2_vitb14", path=None, pos_embed_resample="dinov2"):
-    """
-    DINOv2_models[name] with the official weights (path, or torch hub's cache as find_weights resolves it), frozen
-    and in eval mode. "dinov2_tiny" has no weights: random init. Wrong keys or shapes are an error naming them.
-    """
-    if name not in DINOv2_models:
-        raise ValueError(f"unknown DINOv2 model {name!r}; valid: {', '.join(DINOv2_models)}")
-    model = DINOv2_models[name](pos_embed_resample=pos_embed_resample)
-    if name != "dinov2_tiny":
-        path = find_weights(f"{name}_pretrain.pth", DINOV2_URL.format(name=name), path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        state_dict = state_dict.get("model", state_dict)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if missing or unexpected:
-            raise ValueError(f"{path} is not a {name} checkpoint: missing keys (first 5 of {len(missing)}) "
-                             f"{missing[:5]}, unexpected keys (first 5 of {len(unexpected)}) {unexpected[:5]}")
-        for k, v in own.items():
-            if tuple(v.shape) != tuple(state_dict[k].shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(state_dict[k].shape)}, {name} needs {tuple(v.shape)}")
-        model.load_state_dict(state_dict)
-    model.eval().requires_grad_(False)
-    return model
 
 
 def dinov2_preprocess(x, resolution=None):
@@ -2500,7 +1947,7 @@ def dinov2_preprocess(x, resolution=None):
 #################################################################################
 #                  MaskGIT: Masked Bidirectional Transformer                    #
 #################################################################################
-# MaskGIT (Chang et al. 2022) in the layout of its PyTorch reproduction, valeoai/Maskgit-pytorch v1 (REFERENCE 10),
+# MaskGIT (Chang et al. 2022) in the layout of its PyTorch reproduction, valeoai/Maskgit-pytorch v1,
 # the generator the EQ-VAE paper trains on VQ-GAN tokens (gFID 6.80 -> 5.91 with EQ-VAE). Attribute names, module
 # order and initialisation follow its Network/transformer.py, so the released checkpoint loads with load_state_dict
 # unchanged and computes the same logits. One table embeds everything the transformer reads:
@@ -2836,75 +2283,12 @@ def maskgit_sample(model, y, *, variant="pytorch", steps=None, schedule=None, sm
 #                                MaskGIT Configs                                #
 #################################################################################
 
-def MaskGIT_256(**kwargs):
-    """The released 256 px model: 16 x 16 tokens of the f16 VQ-GAN, 1024 codes, 1000 classes (~174M params)."""
-    return MaskTransformer(**{**dict(input_size=16, codebook_size=1024, num_classes=1000, hidden_size=768, depth=24,
-                                     num_heads=16, mlp_dim=3072, dropout=0.1), **kwargs})
-
-
-def MaskGIT_512(**kwargs):
-    """The released 512 px model: same network over 32 x 32 tokens."""
-    return MaskGIT_256(**{"input_size": 32, **kwargs})
-
-
-def MaskGIT_tiny(**kwargs):
-    """CPU-sized model for --preset tiny; pass input_size / codebook_size / num_classes of the tiny VQ-GAN and data."""
-    return MaskTransformer(**{**dict(input_size=8, codebook_size=64, num_classes=10, hidden_size=128, depth=3,
-                                     num_heads=4, mlp_dim=512, dropout=0.1), **kwargs})
-
-
-MaskGIT_models = {"maskgit-256": MaskGIT_256, "maskgit-512": MaskGIT_512, "maskgit-tiny": MaskGIT_tiny}
-
-
-def build_maskgit(name, **kwargs):
-    """MaskGIT_models[name](**kwargs) with a clear error for an unknown name."""
-    if name not in MaskGIT_models:
-        raise ValueError(f"unknown model {name!r}; valid MaskGIT models: {', '.join(MaskGIT_models)}")
-    return MaskGIT_models[name](**kwargs)
-
-
-def maskgit_config_from_state_dict(state_dict, num_classes=1000, num_heads=16):
-    """
-    Read the architecture off MaskTransformer weights. The table holds K + 1 + C + 1 rows, so the split between codes
-    K and classes C needs one of them: num_classes (1000 for the released ImageNet models). Heads cannot be read off
-    weights: num_heads, 16 as in every released model.
-    """
-    vocab, hidden = state_dict["tok_emb.weight"].shape
-    depth = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("transformer.layers."))
-    grid = int(round((state_dict["pos_emb"].shape[1] - 1) ** 0.5))
-    return dict(input_size=grid, codebook_size=vocab - num_classes - 2, num_classes=num_classes, hidden_size=hidden,
-                depth=depth, num_heads=num_heads, mlp_dim=state_dict["transformer.layers.0.1.fn.net.0.weight"].shape[0])
-
-
-def load_maskgit_weights(model, state_dict, source="checkpoint"):
-    """model.load_state_dict(state_dict) that names the first missing/unexpected keys and shape mismatches."""
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}  # DDP saves
-    return load_state_dict_checked(model, state_dict, f"{source} (MaskTransformer {model.config})")
-
-
-def load_maskgit(path, use_ema=True, num_classes=1000, num_heads=16):
-    """
-    A MaskTransformer in eval mode from a checkpoint file: this project's train_maskgit.py checkpoint ({"model",
-    "ema", "config", "vqgan", ...}; EMA weights unless use_ema=False) or a Maskgit-pytorch file ({"model_state_dict",
-    ...}, e.g. its released MaskGIT_ImageNet_256.pth, or a plain state dict; config read off the weights, with
-    num_classes and num_heads given, as the weights do not tell).
-    model.vqgan_path is the VQ-GAN the checkpoint was trained on, when it says (ours), else None.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MaskGIT checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # ours
-        state_dict = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-        config = ckpt["config"]
-    else:
-        state_dict = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-        if not isinstance(state_dict, dict) or "tok_emb.weight" not in state_dict:
-            found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise KeyError(f"{path} is neither a train_maskgit.py checkpoint nor a Maskgit-pytorch state dict "
-                           f"(no 'tok_emb.weight'; top-level keys: {found})")
-        state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-        config = maskgit_config_from_state_dict(state_dict, num_classes=num_classes, num_heads=num_heads)
-    model = load_maskgit_weights(MaskTransformer(**config), state_dict).eval()
-    # The tokeniser it was trained on (train_maskgit.py records its path; None for Maskgit-pytorch files).
-    model.vqgan_path = ckpt.get("vqgan") if isinstance(ckpt, dict) else None
-    return model
+MaskGIT_models = {
+    # The released 256 px model: 16 x 16 tokens of the f16 VQ-GAN, 1024 codes, 1000 classes (~174M parameters);
+    # the 512 px one is the same network over 32 x 32 tokens. (The defaults of MaskTransformer.)
+    "maskgit-256": partial(MaskTransformer),
+    "maskgit-512": partial(MaskTransformer, input_size=32),
+    # CPU-sized model for --preset tiny; train_maskgit.py passes the tiny VQ-GAN's grid and codebook and the classes.
+    "maskgit-tiny": partial(MaskTransformer, input_size=8, codebook_size=64, num_classes=10, hidden_size=128, depth=3,
+                            num_heads=4, mlp_dim=512),
+}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import models
 import train_utils as tu
@@ -76,15 +77,14 @@ def setup_dit(args, vae, device):
     if args.sampler not in ("ddpm", "ddim"):
         raise ValueError(f"--sampler for DiT: ddpm or ddim, got {args.sampler!r}")
     C, h, _ = latent_shape(vae, args.image_size, device)
-    model = models.build_dit(args.model, input_size=h, num_classes=args.num_classes,
-                             in_channels=models.dit_config_from_state_dict(state_dict)["in_channels"])
-    models.load_dit_weights(model, state_dict)  # a checkpoint of another config is an error saying which
+    model = models.build(models.DiT_models, args.model, input_size=h, num_classes=args.num_classes,
+                         in_channels=checkpoints.dit_config_from_state_dict(state_dict)["in_channels"])
+    checkpoints.load_dit_weights(model, state_dict)  # a checkpoint of another config is an error saying which
     if model.in_channels != C:
         raise ValueError(f"{args.model} checkpoint takes {model.in_channels}-channel latents but the autoencoder "
                          f"gives {C} channels: pass the autoencoder the model was trained with (--vae)")
     model = model.to(device).eval()  # important: no label dropout
     diffusion = models.create_diffusion(str(args.num_sampling_steps))
-    sf = vae.scaling_factor
     use_cfg = args.cfg_scale > 1.0
 
     @torch.no_grad()
@@ -104,7 +104,7 @@ def setup_dit(args, vae, device):
             out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=device, generator=generator)
         if use_cfg:
             out, _ = out.chunk(2, dim=0)  # drop the null-label half
-        return vae.decode(out.float() / sf)  # latents are unscaled before decoding
+        return vae.decode(vae.unscale_latents(out.float()))  # latents are unscaled before decoding
 
     return generate
 
@@ -121,7 +121,7 @@ def setup_sit(args, vae, device):
         raise ValueError(f"{args.ckpt} is not a SiT / REPA checkpoint (first keys: {sorted(state_dict)[:5]})")
     targs = ckpt.get("args", {}) if ours else {}
     targs = targs if isinstance(targs, dict) else vars(targs)
-    model = models.sit_from_state_dict(state_dict, encoder_depth=targs.get("encoder_depth")).to(device).eval()
+    model = checkpoints.sit_from_state_dict(state_dict, encoder_depth=targs.get("encoder_depth")).to(device).eval()
     family = "repa" if model.z_dims else "sit"
     d = models.SAMPLER_DEFAULTS[family]
     set_defaults(args, mode=d["mode"], cfg_scale=d["cfg_scale"], guidance_low=d["guidance_low"],
@@ -135,7 +135,6 @@ def setup_sit(args, vae, device):
                          f"and --image-size the model was trained with")
     sampler = None if args.mode == "sde" else args.sampler
     cfg_channels = None if args.cfg_all_channels else "default"
-    sf = vae.scaling_factor
 
     @torch.no_grad()
     def generate(labels, generator):
@@ -146,7 +145,7 @@ def setup_sit(args, vae, device):
                 cfg_scale=args.cfg_scale, cfg_channels=cfg_channels, guidance_low=args.guidance_low,
                 guidance_high=args.guidance_high, path_type=targs.get("path_type", "Linear"),
                 prediction=targs.get("prediction", "velocity"), generator=generator)
-        return vae.decode(x.float() / sf)  # latents are unscaled before decoding
+        return vae.decode(vae.unscale_latents(x.float()))  # latents are unscaled before decoding
 
     return generate
 
@@ -157,7 +156,7 @@ def setup_maskgit(args, vae, device):
     then decode the token grid with the VQ-GAN. --cfg-scale s is the guidance (1 + w) c - w u at its final weight,
     i.e. Maskgit-pytorch's w = s - 1 (w = 3 by default, ramped up over the steps).
     """
-    model = models.load_maskgit(args.ckpt, use_ema=args.weights == "ema", num_classes=args.num_classes).to(device)
+    model = checkpoints.load_maskgit(args.ckpt, use_ema=args.weights == "ema", num_classes=args.num_classes).to(device)
     variant_defaults = {"pytorch": (8, 4.0), "jax": (12, 1.0)}  # (steps, cfg scale) of Maskgit-pytorch / MaskGIT
     set_defaults(args, sampler="pytorch")
     if args.sampler not in variant_defaults:
@@ -252,7 +251,7 @@ def main(args):
 
     # Autoencoder: the one the model was trained on (a train_dit.py run with a random tiny VAE saved it beside it).
     vae_path = args.vae or default_autoencoder(args.ckpt)
-    vae = models.load_autoencoder(vae_path).to(device)
+    vae = checkpoints.load_autoencoder(vae_path).to(device)
     logger.info(f"Autoencoder: {vae_path}")
     generate = setup(args, vae, device)
 
@@ -276,10 +275,7 @@ def main(args):
         labels = batch_labels(args, start, n, generator, device)
         images = generate(labels, generator)                                  # (n, 3, H, W) in [-1, 1]
         arr = data.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()          # (n, H, W, 3) uint8 (ADM layout)
-        path = os.path.join(out_dir, f"{b:06d}.npz")
-        tmp = f"{path}.tmp.{os.getpid()}.npz"
-        np.savez(tmp, arr_0=arr, arr_1=labels.cpu().numpy())
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a shard
+        data.save_npz(os.path.join(out_dir, f"{b:06d}.npz"), arr, arr_1=labels.cpu().numpy())  # atomic
     tu.barrier()
 
     # Gather the shards into one .npz with exactly num_samples images, and a grid of the first ones:
@@ -289,9 +285,7 @@ def main(args):
         images = np.concatenate([s["arr_0"] for s in shards])[: args.num_samples]
         labels = np.concatenate([s["arr_1"] for s in shards])[: args.num_samples]
         assert images.shape == (args.num_samples, args.image_size, args.image_size, 3), images.shape
-        npz_path = f"{out_dir}.npz"
-        np.savez(f"{out_dir}.tmp.npz", arr_0=images, arr_1=labels)
-        os.replace(f"{out_dir}.tmp.npz", npz_path)
+        npz_path = data.save_npz(f"{out_dir}.npz", images, arr_1=labels)
         grid = torch.from_numpy(images[: args.grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         data.save_image_grid(grid, f"{out_dir}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
         logger.info(f"Saved {npz_path} [arr_0 {images.shape} uint8, arr_1 labels] and {out_dir}.png")

@@ -1,7 +1,7 @@
 """
 Train MaskGIT (stage 2) on the tokens of a frozen VQ-GAN, as the EQ-VAE paper does for its VQ-GAN results (gFID 6.80
 after 300 epochs on the original VQ-GAN's tokens; 6.80 after 130 and 5.91 after 300 on EQ-VAE's). The recipe is that of
-the PyTorch reproduction the paper uses, valeoai/Maskgit-pytorch v1 (REFERENCE 10).
+the PyTorch reproduction the paper uses, valeoai/Maskgit-pytorch v1.
 
     torchrun --nproc_per_node=8 train_maskgit.py --data /imagenet/train --vqgan pretrained_maskgit/VQGAN/last.ckpt
     python train_maskgit.py --preset tiny                  # 64 px synthetic data, tiny VQ-GAN and transformer, CPU
@@ -14,12 +14,9 @@ and cached on disk, so the VQ-GAN never runs inside the training loop.
 import argparse
 import copy
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 import models
@@ -29,30 +26,6 @@ import train_utils as tu
 #################################################################################
 #                             Training Helper Functions                         #
 #################################################################################
-
-def setup_tokenizer(args, exp_dir, device, logger, is_main):
-    """The frozen tokeniser: --vqgan PATH (anything models.load_autoencoder reads), or for --preset tiny without
-    a path a random-weight tiny VQ-GAN, saved next to the run so sample.py can decode with the same one."""
-    if args.vqgan is not None:
-        vq = models.load_autoencoder(args.vqgan)
-        if not isinstance(vq, models.VQGAN):
-            raise SystemExit(f"--vqgan {args.vqgan} holds a KL autoencoder; MaskGIT needs a VQ-GAN's discrete tokens "
-                             f"(train latent models with train_dit.py / train_sit.py)")
-        name = os.path.abspath(args.vqgan)
-    elif args.preset == "tiny":
-        torch.manual_seed(args.global_seed)  # same random weights on every rank
-        vq = models.VQGAN("tiny").eval()
-        name = os.path.abspath(os.path.join(exp_dir, "vqgan_tiny_random.ckpt"))
-        if is_main:
-            models.save_taming(vq, name)
-        logger.info(f"No --vqgan given: using a RANDOM-WEIGHT tiny VQ-GAN (a pipeline check, not a real tokeniser), "
-                    f"saved to {name}")
-    else:
-        raise SystemExit("--vqgan is required: a VQ-GAN checkpoint (taming / MaskGIT-pytorch last.ckpt, or one from "
-                         "finetune_eqvae.py --model vq); or use --preset tiny")
-    tu.requires_grad(vq, False)
-    return vq.to(device), name
-
 
 def maskgit_loss(logits, code, label_smoothing=0.1):
     """
@@ -81,24 +54,19 @@ def main(args):
     # Setup DDP:
     dist = tu.setup_distributed()
     rank, world, device = dist.rank, dist.world_size, dist.device
-    if args.global_batch_size % world != 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
-    batch = args.global_batch_size // world
+    batch = tu.per_rank_batch(args.global_batch_size, world)
     precision = tu.resolve_precision(args.precision, device)
 
     # Setup an experiment folder:
-    exp_dir = tu.experiment_dir(args.results_dir, args.exp_name or args.model)
-    ckpt_dir = os.path.join(exp_dir, "checkpoints")
-    resume_path = tu.resolve_resume(args.resume, ckpt_dir)
-    if resume_path is None and tu.list_checkpoints(ckpt_dir):
-        raise SystemExit(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
-                         f"another --exp-name / --results-dir (nothing was overwritten).")
-    logger = tu.create_logger(exp_dir)
-    metrics = tu.MetricsLog(os.path.join(exp_dir, "metrics.jsonl"))
-    logger.info(f"Experiment directory: {exp_dir} ({world} process(es), {device}, {precision})")
+    exp = tu.setup_experiment(args.results_dir, args.exp_name or args.model, args.resume, dist, precision)
+    logger = exp.logger
 
-    # Tokenise the dataset once (image + mirror), or reuse the cache:
-    vq, vq_name = setup_tokenizer(args, exp_dir, device, logger, dist.is_main)
+    # Tokenise the dataset once (image + mirror), or reuse the cache. The frozen tokeniser: --vqgan PATH, or for
+    # --preset tiny without one a random-weight tiny VQ-GAN (a pipeline check), saved in the run folder.
+    if args.vqgan is None and args.preset != "tiny":
+        raise SystemExit("--vqgan is required: a VQ-GAN checkpoint (taming / MaskGIT-pytorch last.ckpt, or one from "
+                         "finetune_eqvae.py --model vq); or use --preset tiny")
+    vq, vq_name = tu.load_frozen_autoencoder(args.vqgan or "tiny", "vq", exp, device, seed=args.global_seed)
     dataset = data.build_dataset(args.data, args.resolution, "center", num_images=args.num_images)
     cache_dir = args.cache or os.path.join(
         args.results_dir, "token-cache", f"{os.path.basename(os.path.normpath(args.data))}-{args.resolution}px-"
@@ -122,9 +90,10 @@ def main(args):
                 f"{len(loader):,} steps/epoch, {max_steps:,} steps")
 
     # Create model (seeded identically on every rank):
-    torch.manual_seed(args.global_seed)
-    model = models.build_maskgit(args.model, input_size=h, codebook_size=meta["codebook_size"],
-                                 num_classes=num_classes).to(device)
+    with torch.random.fork_rng():
+        torch.manual_seed(args.global_seed)
+        model = models.build(models.MaskGIT_models, args.model, input_size=h, codebook_size=meta["codebook_size"],
+                             num_classes=num_classes).to(device)
     ema = copy.deepcopy(model).eval()  # EMA of the weights (our addition, as DiT's; the reference keeps none)
     tu.requires_grad(ema, False)
     logger.info(f"MaskGIT parameters: {tu.count_params(model):,} ({model.config})")
@@ -133,45 +102,28 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.96), weight_decay=args.weight_decay)
     scaler = tu.make_scaler(precision, device)
 
-    # Resume (model, EMA, optimiser, scaler, step, data position, every rank's RNG):
-    step = 0
-    if resume_path is not None:
-        ckpt = tu.load_checkpoint(resume_path, required=("model", "ema", "opt", "step", "config"))
-        if ckpt["config"] != model.config:
-            raise SystemExit(f"Cannot resume from {resume_path}: it holds a {ckpt['config']} model, "
-                             f"this run builds {model.config}")
-        tu.check_resume_args(ckpt["args"], args, RESUME_KEYS)
-        step = tu.restore_training_state(ckpt, loader, model=model, ema=ema, opt=opt, scaler=scaler)
-        metrics.truncate_after(step)
-        logger.info(f"Resumed from {resume_path} at step {step}")
+    # Resume (model, EMA, optimiser, scaler, step, data position, every rank's RNG); per-rank seeds for the loop:
+    step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=model.config, model=model, ema=ema,
+                                    opt=opt, scaler=scaler)
+    last_saved = step if ckpt is not None else None
 
     # Prepare models for training:
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    ddp_model = tu.distributed(model, device)
     model.train()
 
-    # Per-rank seeds for the loop (DiT's convention), then every rank's saved RNG states on resume:
-    tu.seed_everything(args.global_seed, rank, world)
-    if resume_path is not None:
-        tu.restore_rng_states(ckpt.get("rng"), logger)
-        del ckpt
-
     def save(step_):
-        tu.save_training_checkpoint(ckpt_dir, step_, args.keep_last, logger, model=model.state_dict(),
-                                    ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
-                                    loader=loader.state_dict(), config=model.config, vqgan=vq_name, args=vars(args))
+        tu.save_generator(exp, step_, args, model, ema, opt, scaler, loader, config=model.config, vqgan=vq_name)
 
     mask_id = model.mask_token_id
-    names = ["loss", "acc_masked", "mask_rate", "grad_norm", "lr"]
-    running = torch.zeros(len(names), device=device)
-    log_steps, start_time = 0, time.time()
-    last_saved = step if resume_path is not None else None
+    meter = tu.TrainingMeter(["loss", "acc_masked", "mask_rate", "grad_norm"], exp, max_steps, step,
+                             args.global_batch_size, device)
     logger.info(f"Training for {max_steps:,} steps...")
-    pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while step < max_steps:
         code, y = next(loader)
         code, y = code.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, h, w), (B,)
+        lr = lr_at(step, args)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr
 
         # Drop 10% of the labels (-> null class) so one network learns both halves of classifier-free guidance:
         drop_label = torch.rand(code.shape[0], device=device) < args.drop_label
@@ -191,39 +143,25 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         tu.update_ema(ema, model, args.ema_decay)
         step += 1
-        pbar.update(1)
 
+        # Log loss values (averaged over the log interval and all processes): accuracy on the masked tokens only,
+        # as a sum over a count (no boolean indexing, which would wait for the GPU to know the count).
         with torch.no_grad():
-            pred = logits.detach().argmax(-1).view_as(code)
-            acc = (pred == code)[mask].float().mean() if mask.any() else torch.ones((), device=device)
-            running += torch.stack([loss.detach(), acc, mask.float().mean(), grad_norm.float(),
-                                    torch.tensor(lr_at(step - 1, args), device=device)])
-        log_steps += 1
-
-        # Log loss values (averaged over steps and processes):
+            hits = ((logits.detach().argmax(-1).view_as(code) == code) & mask).sum()
+            acc = hits.float() / mask.sum().clamp(min=1)
+        meter.update(loss=loss, acc_masked=acc, mask_rate=mask.float().mean(), grad_norm=grad_norm)
         if step % args.log_every == 0 or step == max_steps:
-            avg = tu.all_reduce_mean(running / log_steps)
-            elapsed = time.time() - start_time
-            row = {n: round(v, 6) for n, v in zip(names, avg.tolist())}
-            row.update(steps_per_sec=round(log_steps / elapsed, 4),
-                       img_per_sec=round(log_steps * args.global_batch_size / elapsed, 2))
-            metrics.write(step, **row)
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc_masked']:.3f}")
-            logger.info(f"(step={step:07d}) loss {row['loss']:.4f}, masked-token accuracy {row['acc_masked']:.4f}, "
-                        f"lr {row['lr']:.3g}, {row['steps_per_sec']:.2f} steps/s")
-            running.zero_()
-            log_steps, start_time = 0, time.time()
+            meter.log(step, lr=lr)
 
         # Save checkpoint:
         if step % args.ckpt_every == 0 or step == max_steps:
             save(step)
             last_saved = step
-    pbar.close()
+    meter.close()
     if last_saved != step:
         save(step)
-    logger.info("Done!")
-    tu.cleanup_distributed()
-    return exp_dir
+    logger.info(f"Done: {args.model} trained for {step:,} steps; checkpoints in {exp.ckpt_dir}")
+    return exp.dir
 
 
 #################################################################################
@@ -243,10 +181,10 @@ def get_parser():
     # Default args here train MaskGIT with the hyperparameters of Maskgit-pytorch v1 (main.py / Trainer/vit.py).
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="change the defaults you did not pass")
-    p.add_argument("--data", type=str, default=None, help="image folder (ImageNet train) or 'synthetic'")
+    # The global seed 42 is the reference's main.py's (it trains with fp16 autocast + GradScaler).
+    tu.add_run_args(p, PRESETS, seed=42, log_every=100, ckpt_every=10_000, keep_last=3,
+                    data_help="image folder (ImageNet train) or 'synthetic'")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--num-images", type=int, default=None, help="use only the first N images")
     p.add_argument("--vqgan", type=str, default=None, help="frozen VQ-GAN (taming / MaskGIT-pytorch last.ckpt, or "
                    "finetune_eqvae.py's vqgan.ckpt)")
     p.add_argument("--cache", type=str, default=None, help="token cache folder (default: under --results-dir, "
@@ -254,8 +192,6 @@ def get_parser():
     p.add_argument("--cache-batch-size", type=int, default=64, help="images per VQ-GAN forward while tokenising")
     p.add_argument("--cache-shard-size", type=int, default=1000, help="images per cache shard file")
     p.add_argument("--model", choices=list(models.MaskGIT_models), default="maskgit-256")
-    p.add_argument("--results-dir", type=str, default="results")
-    p.add_argument("--exp-name", type=str, default=None, help="run folder under --results-dir (default: --model)")
     p.add_argument("--mask-schedule", choices=["arccos", "cosine", "linear", "square"], default="arccos")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-label", type=float, default=0.1, help="label dropout for classifier-free guidance")
@@ -267,14 +203,6 @@ def get_parser():
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default bf16 on CUDA, fp32 on CPU (the reference: fp16 autocast + GradScaler)")
-    p.add_argument("--global-seed", type=int, default=42, help="42: the reference's main.py seed")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=10_000)
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 = all)")
-    p.add_argument("--resume", type=str, default=None, help="'auto' (newest in the run folder) or a checkpoint path")
     return p
 
 

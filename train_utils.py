@@ -18,7 +18,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+import checkpoints
+import models
 
 
 #################################################################################
@@ -72,15 +76,6 @@ def all_reduce_mean(tensor):
     return tensor
 
 
-def broadcast_object(obj, src=0):
-    """Send a picklable object from rank `src` to every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 #################################################################################
 #                          Logging and Experiment Folders                       #
 #################################################################################
@@ -95,14 +90,16 @@ def create_logger(logging_dir=None, name="eqvae"):
     logger.handlers.clear()
     logger.propagate = False
     if _rank() == 0:
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers = [logging.StreamHandler(sys.stdout)]
+        # DiT's blue timestamp on a terminal; plain text in log.txt and in pipes.
+        colour = "[\033[34m%(asctime)s\033[0m] %(message)s" if sys.stdout.isatty() else "[%(asctime)s] %(message)s"
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter(colour, datefmt="%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(console)
         if logging_dir is not None:
             os.makedirs(logging_dir, exist_ok=True)
-            handlers.append(logging.FileHandler(os.path.join(logging_dir, "log.txt")))
-        for h in handlers:
-            h.setFormatter(fmt)
-            logger.addHandler(h)
+            file = logging.FileHandler(os.path.join(logging_dir, "log.txt"))
+            file.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+            logger.addHandler(file)
         logger.setLevel(logging.INFO)
     else:
         logger.addHandler(logging.NullHandler())
@@ -169,6 +166,160 @@ def apply_preset(args, parser, presets, argv=None):
     return args
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (a step interval of 0 would divide by zero, a negative count mean nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def describe_presets(presets):
+    """--preset's help: what each preset sets."""
+    return "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in p.items())
+                     for name, p in presets.items()) + " (options you type still win)"
+
+
+def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_help="an image folder, or 'synthetic'"):
+    """The options every trainer shares, with the stage's defaults: data, run folder, resume, system."""
+    g = parser.add_argument_group("data and run folder")
+    g.add_argument("--preset", choices=sorted(presets), default=None, help=describe_presets(presets))
+    g.add_argument("--data", type=str, default=None, help=data_help)
+    g.add_argument("--num-images", type=positive_int, default=None, help="use only the first N images")
+    g.add_argument("--results-dir", type=str, default="results", help="where run folders are made")
+    g.add_argument("--exp-name", type=str, default=None, help="the run folder's name under --results-dir")
+    g.add_argument("--resume", type=str, default=None, help="'auto' (the newest checkpoint of the run folder) or a "
+                   "checkpoint path")
+    g = parser.add_argument_group("system")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--global-seed", type=int, default=seed, help="seed of the run (rank r uses seed * world + r)")
+    g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
+    g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between log lines / metrics rows")
+    g.add_argument("--ckpt-every", type=positive_int, default=ckpt_every, help="steps between checkpoints")
+    g.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints kept, the newest (0 = all)")
+    return parser
+
+
+def add_latent_args(parser, what, table, model):
+    """The options of a generative model on a frozen KL autoencoder's latents (DiT, SiT), with DiT's defaults
+    (SiT and REPA kept them): `model` from the table of names, 400K steps of batch 256, AdamW lr 1e-4, EMA 0.9999."""
+    g = parser.add_argument_group(f"{what} (the {what} paper's hyperparameters)")
+    g.add_argument("--model", type=str, default=model, help=f"one of {', '.join(table)}")
+    g.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g.add_argument("--max-steps", type=positive_int, default=400_000, help="training steps (EQ-VAE reports 400K)")
+    g.add_argument("--global-batch-size", type=int, default=256, help="images per step over all GPUs")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights, updated every step")
+    g = parser.add_argument_group("latents")
+    g.add_argument("--vae", type=str, default=None, help=f"the autoencoder {what} trains on: a diffusers folder, an "
+                   "LDM / diffusers file, a finetune_eqvae.py export, or a name in models.KLVAE_models for random "
+                   "weights (pipeline checks)")
+    g.add_argument("--image-size", type=int, default=256, help="image resolution (latents are image-size / f)")
+    g.add_argument("--num-classes", type=int, default=1000, help="class labels (ImageNet: 1000)")
+    g.add_argument("--cache-latents", type=str, default=None,
+                   help="folder of a latent cache: built (or completed) first, then trained from")
+    g.add_argument("--cache-batch-size", type=positive_int, default=64, help="images per autoencoder forward "
+                   "while building the cache")
+    g.add_argument("--cache-shard-size", type=positive_int, default=1000, help="images per cache file")
+    return parser
+
+
+def setup_experiment(results_dir, name, resume, dist, precision):
+    """
+    Every trainer's preamble: the run folder results_dir/name (with checkpoints/), the checkpoint to resume from
+    (--resume auto|PATH), rank 0's logger (stdout + log.txt) and the metrics log. Starting afresh in a folder that
+    already holds checkpoints is refused, so a run is never overwritten by accident.
+    Returns a namespace: dir, ckpt_dir, resume (a path or None), logger, metrics.
+    """
+    exp_dir = experiment_dir(results_dir, name)
+    ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    resume_path = resolve_resume(resume, ckpt_dir)
+    if resume_path is None and list_checkpoints(ckpt_dir):
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or "
+                              f"choose another --exp-name / --results-dir (nothing was overwritten).")
+    logger = create_logger(exp_dir)
+    logger.info(f"Experiment directory: {exp_dir} (world_size={dist.world_size}, {dist.device}, {precision})")
+    return SimpleNamespace(dir=exp_dir, ckpt_dir=ckpt_dir, resume=resume_path, logger=logger,
+                           metrics=MetricsLog(os.path.join(exp_dir, "metrics.jsonl")))
+
+
+def per_rank_batch(global_batch_size, world_size):
+    """The batch of one process; the global batch must split evenly (DiT's assertion, as an error that says why)."""
+    if global_batch_size < 1 or global_batch_size % world_size:
+        raise ValueError(f"--global-batch-size {global_batch_size} is not divisible by the world size {world_size}: "
+                         f"use a positive multiple of {world_size} (the paper's fine-tune: 10 per GPU x 8 GPUs = 80)")
+    return global_batch_size // world_size
+
+
+def resume_training(exp, args, keys, loader=None, required=("model", "opt", "args", "step"), config=None,
+                    what="model", **objects):
+    """
+    Continue the run at exp.resume in place, then seed the training loop. The checkpoint must have been made with
+    the same values of the options in `keys` (and the same model `config`, when given); every object passed (model,
+    EMA, optimisers, scaler; None is skipped) and the data position are restored and the metrics log is cut back to
+    the checkpoint's step. Then every rank gets its own seed (global_seed * world_size + rank, DiT's convention) and,
+    when resuming, the RNG states the checkpoint saved for it, so the loop continues exactly.
+    Returns (step, checkpoint), or (0, None) for a fresh start.
+    """
+    ckpt, step = None, 0
+    if exp.resume is not None:
+        ckpt = load_checkpoint(exp.resume, required)
+        if config is not None and ckpt.get("config") != config:
+            saved = ckpt.get("config") or {}
+            diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+                    for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+            raise ValueError(f"Cannot resume from {exp.resume}: it was made for another {what}:\n  "
+                             + "\n  ".join(diff))
+        check_resume_args(ckpt["args"], args, keys)
+        step = restore_training_state(ckpt, loader, **objects)
+        exp.metrics.truncate_after(step)
+        exp.logger.info(f"Resumed from {exp.resume} at step {step}")
+    seed_everything(args.global_seed, _rank(), dist.get_world_size() if is_distributed() else 1)
+    if ckpt is not None:
+        restore_rng_states(ckpt.get("rng"), exp.logger)
+    return step, ckpt
+
+
+def distributed(model, device):
+    """model inside DistributedDataParallel when there are several processes (as is otherwise)."""
+    if not is_distributed():
+        return model
+    return DDP(model, device_ids=[device.index] if torch.device(device).type == "cuda" else None)
+
+
+def load_frozen_autoencoder(spec, kind, exp, device, seed=0):
+    """
+    The frozen autoencoder of a stage-2 run (eval mode, no gradients, on device): a checkpoint path (anything
+    checkpoints.load_autoencoder reads), or the name of a tiny config in models.KLVAE_models / VQGAN_models, built
+    with random weights from `seed` (tests and pipeline checks only) and saved into the run folder, where sample.py
+    finds it. kind: "kl" (DiT, SiT: continuous latents) or "vq" (MaskGIT: tokens). Returns (autoencoder, its path).
+    """
+    table = models.KLVAE_models if kind == "kl" else models.VQGAN_models
+    if spec in table and not os.path.exists(spec):
+        with torch.random.fork_rng():  # the same random weights on every rank, without touching the run's seed
+            torch.manual_seed(seed)
+            ae = table[spec]()
+        path = os.path.join(exp.dir, f"{'vae' if kind == 'kl' else 'vqgan'}-{spec}-random.ckpt")
+        if _rank() == 0 and not os.path.exists(path):
+            (checkpoints.save_ldm if kind == "kl" else checkpoints.save_taming)(ae, path)
+        exp.logger.info(f"Autoencoder: {spec!r} with RANDOM weights (a pipeline check, not a real autoencoder), "
+                        f"saved to {path}")
+    else:
+        ae, path = checkpoints.load_autoencoder(spec), os.path.abspath(spec)
+        exp.logger.info(f"Autoencoder: loaded {spec}")
+    is_vq = isinstance(ae, models.VQGAN)
+    if is_vq != (kind == "vq"):
+        need = "a VQ-GAN's discrete tokens (MaskGIT)" if kind == "vq" else "a KL autoencoder's continuous latents"
+        raise SystemExit(f"{spec} holds a {type(ae).__name__}; this stage trains on {need}")
+    requires_grad(ae, False)
+    return ae.eval().to(device), path
+
+
 #################################################################################
 #                             Seeds and Precision                               #
 #################################################################################
@@ -224,13 +375,26 @@ def check_finite(step, **losses):
             "Try a lower learning rate, --precision fp32/bf16, or resume from the last checkpoint.")
 
 
+# What a user can cause (a missing or wrong file, a bad option value, a run folder in use, a NaN loss): the entry
+# points report these as one line, not a traceback. Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, KeyError, NonFiniteLossError)
+
+
+def user_error_message(e):
+    """One line for a user error: the message itself (KeyError would quote it), with its type when it says little."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return msg if len(msg) > 20 else f"{type(e).__name__}: {msg}"
+
+
 def run_main(main, args):
-    """A training script's entry point: main(args); a non-finite loss ends with its one-line message instead of a
-    traceback (the last good checkpoint is untouched), and the process group is closed whatever happens."""
+    """A stage script's entry point: main(args), with user errors (USER_ERRORS) ended by one line on stderr and
+    exit status 1 (EQVAE_TRACEBACK=1 shows the traceback), and the process group closed whatever happens."""
     try:
-        main(args)
-    except NonFiniteLossError as e:
-        raise SystemExit(f"error: {e}")
+        return main(args)
+    except USER_ERRORS as e:
+        if os.environ.get("EQVAE_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {user_error_message(e)}") from None
     finally:
         cleanup_distributed()
 
@@ -310,6 +474,14 @@ def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
     if logger is not None:
         logger.info(f"Saved checkpoint to {path}")
     return path
+
+
+def save_generator(exp, step, args, model, ema, opt, scaler, loader, **extra):
+    """A stage-2 trainer's checkpoint (DiT's train.py layout plus what exact resume needs): model, EMA, optimiser,
+    scaler, data position, args and `extra`; see save_training_checkpoint. Collective: every rank must call it."""
+    return save_training_checkpoint(exp.ckpt_dir, step, args.keep_last, exp.logger, model=unwrap(model).state_dict(),
+                                    ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
+                                    loader=loader.state_dict(), args=vars(args), **extra)
 
 
 def restore_training_state(ckpt, loader=None, **objects):
@@ -410,6 +582,61 @@ def timed(fn, device):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+#################################################################################
+#                       Training Meter: losses, speed, tqdm                     #
+#################################################################################
+
+class TrainingMeter:
+    """
+    Running means of a trainer's loss parts between log steps, kept on the device (no host-device sync per step),
+    averaged over all processes at each log step and written as one metrics.jsonl row with the training speed
+    (steps_per_sec, img_per_sec); a tqdm bar on rank 0 shows the progress and the latest values.
+
+    meter = TrainingMeter(["loss", "mse"], exp, max_steps, start_step, images_per_step=args.global_batch_size)
+    meter.update(loss=loss, mse=mse)            # every optimiser step (tensors stay on the device)
+    if step % args.log_every == 0: meter.log(step, lr=lr)   # extra host values go into the row as they are
+    """
+
+    def __init__(self, names, exp, max_steps, step, images_per_step, device):
+        self.names, self.exp, self.images_per_step = list(names), exp, images_per_step
+        self.sums = torch.zeros(len(self.names), device=device)
+        self.host = np.zeros(len(self.names), dtype=np.float32)
+        self.count, self.start = 0, time.time()
+        from tqdm import tqdm
+        self.bar = tqdm(total=max_steps, initial=step, disable=_rank() != 0, dynamic_ncols=True)
+
+    def update(self, **values):
+        """One step's values: 0-dim tensors, summed where they live and never read back here, or host numbers."""
+        for i, n in enumerate(self.names):
+            v = values[n]
+            if torch.is_tensor(v):
+                self.sums[i] += v.detach().float().reshape(())
+            else:
+                self.host[i] += float(v)  # a host number never makes a (blocking) copy to the device
+        self.count += 1
+        self.bar.update(1)
+
+    def log(self, step, **extra):
+        """Average since the last log step over steps and processes, write the row, show it; returns the row."""
+        sums = self.sums + torch.as_tensor(self.host, device=self.sums.device)
+        avg = all_reduce_mean(sums / max(self.count, 1)).tolist()  # the one host-device sync per log step
+        elapsed = max(time.time() - self.start, 1e-9)
+        row = {n: round(v, 6) for n, v in zip(self.names, avg)}
+        row.update(steps_per_sec=round(self.count / elapsed, 4),
+                   img_per_sec=round(self.count * self.images_per_step / elapsed, 2), **extra)
+        self.exp.metrics.write(step, **row)
+        self.bar.set_postfix({n: f"{row[n]:.4g}" for n in self.names[:3]}, refresh=False)
+        self.exp.logger.info(f"(step={step:07d}) " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                               for k, v in row.items()))
+        self.sums.zero_()
+        self.host[:] = 0
+        self.count, self.start = 0, time.time()
+        return row
+
+    def close(self):
+        self.bar.close()
 
 
 #################################################################################

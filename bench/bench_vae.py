@@ -1,6 +1,6 @@
 """
 KL autoencoder throughput: encode (posterior mean) + decode of 256 px images, images/s, for our KLVAE and, when
-diffusers is importable, diffusers' AutoencoderKL holding the same weights (written with models.save_diffusers).
+diffusers is importable, diffusers' AutoencoderKL holding the same weights (written with checkpoints.save_diffusers).
 On a GPU the figures are also taken in bf16 autocast. Random weights: speed does not depend on them.
 
     OMP_NUM_THREADS=1 python bench/bench_vae.py [--model sd-vae] [--resolution 256] [--batch 2] [--iters 3]
@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import models  # noqa: E402
 import train_utils as tu  # noqa: E402
 
@@ -25,13 +26,13 @@ def main(args):
     print(f"device {device} ({where}), torch {torch.__version__}, {args.model}, {args.resolution} px, "
           f"batch {args.batch}, {args.iters} timed iterations (median)")
     torch.manual_seed(0)
-    vae = models.build_autoencoder(args.model).eval()
+    vae = models.KLVAE_models[args.model]().eval()
     x = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
     runs = {"ours": lambda: vae.decode(vae.encode(x).mean)}
     try:
         from diffusers import AutoencoderKL
         with tempfile.TemporaryDirectory() as folder:
-            models.save_diffusers(vae, folder)
+            checkpoints.save_diffusers(vae, folder)
             ref = AutoencoderKL.from_pretrained(folder).to(device).eval()
         runs["diffusers"] = lambda: ref.decode(ref.encode(x).latent_dist.mean).sample
     except ImportError:
@@ -59,7 +60,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd-vae", choices=sorted(models.vae_configs))
+    parser.add_argument("--model", default="sd-vae", choices=sorted(models.KLVAE_models))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import checkpoints
 import models
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -26,7 +27,7 @@ def _fixture(name):
 def _random_vae(config=MICRO, seed=0):
     """A model whose every tensor (GroupNorm affines included) is random, so a mis-mapped tensor shows."""
     torch.manual_seed(seed)
-    vae = models.build_autoencoder(config).eval()
+    vae = (models.KLVAE_models[config]() if isinstance(config, str) else models.KLVAE(**config)).eval()
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -52,17 +53,17 @@ def _assert_same_model(a, b, x):
 def test_sd_vae_state_dict_matches_ldm_fixture():
     fixture = _fixture("sd_vae_ldm.json")
     with torch.device("meta"):  # names and shapes only: no 83M-parameter allocation
-        vae = models.build_autoencoder("sd-vae")
+        vae = models.KLVAE_models["sd-vae"]()
     shapes = {k: list(v.shape) for k, v in vae.state_dict().items()}
     assert shapes == fixture["shapes"]
     assert sum(p.numel() for p in vae.parameters()) == fixture["num_params"] == 83_653_863
     assert vae.scaling_factor == 0.18215
-    assert models.vae_configs["sdxl-vae"]["scaling_factor"] == 0.13025
+    assert models.KLVAE_models["sdxl-vae"]().scaling_factor == 0.13025
 
 
 def test_diffusers_name_mapping_matches_fixture():
     ldm, diffusers = _fixture("sd_vae_ldm.json")["shapes"], _fixture("sd_vae_diffusers.json")["shapes"]
-    mapped = {models.ldm_to_diffusers_name(k, 4): k for k in ldm}
+    mapped = {checkpoints.ldm_to_diffusers_name(k, 4): k for k in ldm}
     assert set(mapped) == set(diffusers)
     for d_name, l_name in mapped.items():
         l_shape = ldm[l_name]
@@ -70,22 +71,22 @@ def test_diffusers_name_mapping_matches_fixture():
             assert l_shape == diffusers[d_name] + [1, 1]  # 1x1 conv [C, C, 1, 1] <-> Linear [C, C]
         else:
             assert l_shape == diffusers[d_name], d_name
-        assert models.diffusers_to_ldm_name(d_name, 4) == l_name
+        assert checkpoints.diffusers_to_ldm_name(d_name, 4) == l_name
     # older diffusers files: query/key/value/proj_attn name the same tensors as to_q/to_k/to_v/to_out.0
     for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")):
         name = f"decoder.mid_block.attentions.0.{new}.weight"
-        assert models.diffusers_to_ldm_name(name.replace(new, old), 4) == models.diffusers_to_ldm_name(name, 4)
+        assert checkpoints.diffusers_to_ldm_name(name.replace(new, old), 4) == checkpoints.diffusers_to_ldm_name(name, 4)
 
 
 def test_exported_diffusers_state_dict_matches_fixture():
     with torch.device("meta"):
-        vae = models.build_autoencoder("sd-vae")
-    sd = models._ldm_to_diffusers_state_dict(vae.state_dict(), 4)
+        vae = models.KLVAE_models["sd-vae"]()
+    sd = checkpoints._ldm_to_diffusers_state_dict(vae.state_dict(), 4)
     assert {k: list(v.shape) for k, v in sd.items()} == _fixture("sd_vae_diffusers.json")["shapes"]
 
 
 def test_tiny_config_is_f8_and_small():
-    vae = models.build_autoencoder("tiny")
+    vae = models.KLVAE_models["tiny"]()
     assert 1e5 < sum(p.numel() for p in vae.parameters()) < 1e6
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -96,9 +97,9 @@ def test_tiny_config_is_f8_and_small():
 
 def test_build_autoencoder_errors():
     with pytest.raises(KeyError, match="sd-vae"):
-        models.build_autoencoder("sd-vea")
-    with pytest.raises(ValueError, match="chmult"):
-        models.build_autoencoder(dict(MICRO, chmult=[1, 2]))
+        models.build(models.KLVAE_models, "sd-vea")
+    with pytest.raises(TypeError, match="chmult"):  # an unknown option of the constructor
+        models.KLVAE(**dict(MICRO, chmult=[1, 2]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_ldm_checkpoint_with_prefix_and_loss_keys(micro, tmp_path):
     sd["loss.discriminator.main.0.weight"] = torch.randn(64, 3, 4, 4)
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)  # a whole SD checkpoint
     torch.save({"state_dict": sd, "global_step": 10, "epoch": 1}, tmp_path / "model.ckpt")
-    loaded = models.load_autoencoder(str(tmp_path / "model.ckpt"))
+    loaded = checkpoints.load_autoencoder(str(tmp_path / "model.ckpt"))
     assert not loaded.training and loaded.config["ch_mult"] == [1, 2] and loaded.config["num_res_blocks"] == 1
     _assert_same_model(vae, loaded, x)
 
@@ -184,26 +185,26 @@ def test_ldm_checkpoint_with_prefix_and_loss_keys(micro, tmp_path):
 def test_plain_ldm_safetensors_with_vae_prefix(micro, tmp_path):
     vae, x = micro
     save_file({f"vae.{k}": v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
-    _assert_same_model(vae, models.load_autoencoder(str(tmp_path / "vae.safetensors")), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(str(tmp_path / "vae.safetensors")), x)
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_save_ldm_round_trip(micro, tmp_path, suffix):
     vae, x = micro
     path = str(tmp_path / f"vae{suffix}")
-    models.save_ldm(vae, path)
+    checkpoints.save_ldm(vae, path)
     if suffix == ".ckpt":
         assert set(torch.load(path, weights_only=True)["state_dict"]) == set(vae.state_dict())
-    _assert_same_model(vae, models.load_autoencoder(path), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(path), x)
 
 
 def test_tiny_preset_round_trips_with_its_config(tmp_path):
     # GroupNorm(8) cannot be read off tensor shapes: save_ldm and save_diffusers must carry it.
     vae, x = _random_vae("tiny"), torch.rand(1, 3, 64, 64) * 2 - 1
-    models.save_ldm(vae, str(tmp_path / "tiny.safetensors"))
-    models.save_diffusers(vae, str(tmp_path / "tiny_diffusers"))
+    checkpoints.save_ldm(vae, str(tmp_path / "tiny.safetensors"))
+    checkpoints.save_diffusers(vae, str(tmp_path / "tiny_diffusers"))
     for path in ("tiny.safetensors", "tiny_diffusers"):
-        loaded = models.load_autoencoder(str(tmp_path / path))
+        loaded = checkpoints.load_autoencoder(str(tmp_path / path))
         assert loaded.config["norm_num_groups"] == 8
         _assert_same_model(vae, loaded, x)
 
@@ -211,7 +212,7 @@ def test_tiny_preset_round_trips_with_its_config(tmp_path):
 def test_diffusers_folder_round_trip(micro, tmp_path):
     vae, x = micro
     folder = tmp_path / "vae_diffusers"
-    models.save_diffusers(vae, str(folder))
+    checkpoints.save_diffusers(vae, str(folder))
     with open(folder / "config.json") as f:
         config = json.load(f)
     assert config["_class_name"] == "AutoencoderKL" and config["block_out_channels"] == [32, 64]
@@ -222,7 +223,7 @@ def test_diffusers_folder_round_trip(micro, tmp_path):
     assert sd["decoder.up_blocks.0.upsamplers.0.conv.weight"].shape == (64, 64, 3, 3)
     assert torch.equal(sd["decoder.up_blocks.0.upsamplers.0.conv.weight"], vae.decoder.up[1].upsample.conv.weight)
     assert sd["encoder.mid_block.attentions.0.to_q.weight"].shape == (64, 64)
-    _assert_same_model(vae, models.load_autoencoder(str(folder)), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(str(folder)), x)
 
     # The same folder with a .bin instead of .safetensors, and a scaling factor from config.json (eq-vae-ema: 0.0683).
     torch.save(sd, folder / "diffusion_pytorch_model.bin")
@@ -230,7 +231,7 @@ def test_diffusers_folder_round_trip(micro, tmp_path):
     config["scaling_factor"] = 0.0683
     with open(folder / "config.json", "w") as f:
         json.dump(config, f)
-    loaded = models.load_autoencoder(str(folder))
+    loaded = checkpoints.load_autoencoder(str(folder))
     assert loaded.scaling_factor == 0.0683
     for u, v in zip(_outputs(vae, x), _outputs(loaded, x)):
         assert torch.equal(u, v)
@@ -239,7 +240,7 @@ def test_diffusers_folder_round_trip(micro, tmp_path):
 def test_single_diffusers_file_with_old_attention_names(micro, tmp_path):
     vae, x = micro
     folder = tmp_path / "d"
-    models.save_diffusers(vae, str(folder))
+    checkpoints.save_diffusers(vae, str(folder))
     from safetensors.torch import load_file
     sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -250,23 +251,23 @@ def test_single_diffusers_file_with_old_attention_names(micro, tmp_path):
         renamed[k] = v
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
     torch.save(renamed, tmp_path / "old_diffusers.bin")
-    _assert_same_model(vae, models.load_autoencoder(str(tmp_path / "old_diffusers.bin")), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(str(tmp_path / "old_diffusers.bin")), x)
     save_file(sd, str(tmp_path / "new_diffusers.safetensors"))
-    _assert_same_model(vae, models.load_autoencoder(str(tmp_path / "new_diffusers.safetensors")), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(str(tmp_path / "new_diffusers.safetensors")), x)
 
 
 def test_own_checkpoints(micro, tmp_path):
     vae, x = micro
     # {"model", "config", ...}: the layout this project's scripts write
     torch.save({"model": vae.state_dict(), "config": vae.config, "step": 3}, tmp_path / "own.pt")
-    _assert_same_model(vae, models.load_autoencoder(str(tmp_path / "own.pt")), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(str(tmp_path / "own.pt")), x)
     # finetune checkpoint: "model" (+ "ema") and argparse "args", DDP-wrapped names; architecture from shapes
     ema = _random_vae(seed=1)
     args = argparse.Namespace(vae="sd-vae", lr=4.5e-6)
     torch.save({"model": {f"module.{k}": v for k, v in vae.state_dict().items()}, "ema": ema.state_dict(),
                 "args": args, "step": 5}, tmp_path / "0000005.pt")
-    _assert_same_model(vae, models.load_autoencoder(str(tmp_path / "0000005.pt")), x)
-    _assert_same_model(ema, models.load_autoencoder(str(tmp_path / "0000005.pt"), ema=True), x)
+    _assert_same_model(vae, checkpoints.load_autoencoder(str(tmp_path / "0000005.pt")), x)
+    _assert_same_model(ema, checkpoints.load_autoencoder(str(tmp_path / "0000005.pt"), ema=True), x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,19 +276,19 @@ def test_own_checkpoints(micro, tmp_path):
 
 def test_missing_path_and_unknown_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
-        models.load_autoencoder(str(tmp_path / "nowhere.ckpt"))
+        checkpoints.load_autoencoder(str(tmp_path / "nowhere.ckpt"))
     (tmp_path / "vae.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="unknown checkpoint format"):
-        models.load_autoencoder(str(tmp_path / "vae.txt"))
+        checkpoints.load_autoencoder(str(tmp_path / "vae.txt"))
     (tmp_path / "broken.ckpt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="broken.ckpt"):
-        models.load_autoencoder(str(tmp_path / "broken.ckpt"))
+        checkpoints.load_autoencoder(str(tmp_path / "broken.ckpt"))
     (tmp_path / "empty_folder").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        models.load_autoencoder(str(tmp_path / "empty_folder"))
+        checkpoints.load_autoencoder(str(tmp_path / "empty_folder"))
     torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an autoencoder"):
-        models.load_autoencoder(str(tmp_path / "other.pt"))
+        checkpoints.load_autoencoder(str(tmp_path / "other.pt"))
 
 
 def test_missing_and_unexpected_keys_are_named(micro, tmp_path):
@@ -297,7 +298,7 @@ def test_missing_and_unexpected_keys_are_named(micro, tmp_path):
     sd["decoder.extra.weight"] = torch.zeros(1)
     torch.save({"model": sd, "config": vae.config}, tmp_path / "bad.pt")
     with pytest.raises(KeyError) as e:
-        models.load_autoencoder(str(tmp_path / "bad.pt"))
+        checkpoints.load_autoencoder(str(tmp_path / "bad.pt"))
     assert "decoder.norm_out.bias" in str(e.value) and "decoder.extra.weight" in str(e.value)
 
 
@@ -307,7 +308,7 @@ def test_shape_mismatch_is_named(micro, tmp_path):
     sd["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
     torch.save({"model": sd, "config": vae.config}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"quant_conv.weight.*\(8, 8, 3, 3\).*\(8, 8, 1, 1\)"):
-        models.load_autoencoder(str(tmp_path / "bad.pt"))
+        checkpoints.load_autoencoder(str(tmp_path / "bad.pt"))
 
 
 def test_vq_checkpoints_go_to_the_vq_loader(micro, tmp_path, monkeypatch):
@@ -320,17 +321,17 @@ def test_vq_checkpoints_go_to_the_vq_loader(micro, tmp_path, monkeypatch):
     def fake_loader(state_dict, source, **kwargs):
         seen["keys"], seen["source"] = set(state_dict), source
         return torch.nn.Identity()
-    monkeypatch.setattr(models, "load_vqgan_from_state_dict", fake_loader)
-    models.load_autoencoder(str(tmp_path / "vq.ckpt"))
+    monkeypatch.setattr(checkpoints, "load_vqgan_from_state_dict", fake_loader)
+    checkpoints.load_autoencoder(str(tmp_path / "vq.ckpt"))
     assert "quantize.embedding.weight" in seen["keys"] and seen["source"].endswith("vq.ckpt")
 
 
 def test_maskgit_style_vqgan_folder_loads(tmp_path):
     """MaskGIT-pytorch ships its tokenizer as a folder with ckpts/last.ckpt and no config.json."""
-    vq = models.VQGAN(models.vq_configs["tiny"]).eval()
+    vq = models.VQGAN_models["tiny"]().eval()
     os.makedirs(tmp_path / "vqgan" / "ckpts")
-    models.save_taming(vq, str(tmp_path / "vqgan" / "ckpts" / "last.ckpt"))
-    loaded = models.load_autoencoder(str(tmp_path / "vqgan"))
+    checkpoints.save_taming(vq, str(tmp_path / "vqgan" / "ckpts" / "last.ckpt"))
+    loaded = checkpoints.load_autoencoder(str(tmp_path / "vqgan"))
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], vq(x)[0])
@@ -367,3 +368,45 @@ def test_hinge_d_loss_closed_form():
     real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - real): 0, 0.5, 2 -> mean 2.5 / 3
     fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + fake): 0, 1, 2 -> mean 1
     assert models.hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python checkpoints.py convert / inspect
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_convert_ldm_to_diffusers_to_ldm_keeps_every_tensor(micro, tmp_path, capsys):
+    vae, x = micro
+    sd = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+    torch.save({"state_dict": {**sd, "loss.logvar": torch.zeros(())}}, tmp_path / "model.ckpt")
+    checkpoints.main(["convert", str(tmp_path / "model.ckpt"), str(tmp_path / "diffusers"), "--to", "diffusers"])
+    checkpoints.main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "back.ckpt"), "--to", "ldm"])
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)["state_dict"]
+    assert set(back) == set(vae.state_dict())  # LDM names again, without the loss.* tensors
+    assert all(torch.equal(back[k], v) for k, v in vae.state_dict().items())
+    with open(tmp_path / "diffusers" / "config.json") as f:
+        assert json.load(f)["block_out_channels"] == [32, 64]
+    capsys.readouterr()
+    checkpoints.main(["inspect", str(tmp_path / "back.ckpt")])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["family"] == "KLVAE" and info["format"] == "LDM / taming checkpoint"
+    assert info["parameters"] == sum(p.numel() for p in vae.parameters())
+    assert info["scaling_factor"] == 0.18215 and info["downsampling"] == 2 and info["latent_channels"] == 4
+
+
+def test_convert_taming_vqgan_and_refuse_wrong_target(tmp_path, capsys):
+    torch.manual_seed(0)
+    vq = models.VQGAN_models["tiny"]().eval()
+    torch.save({"state_dict": {**vq.state_dict(), "loss.discriminator.main.0.weight": torch.zeros(1)}},
+               tmp_path / "last.ckpt")
+    checkpoints.main(["convert", str(tmp_path / "last.ckpt"), str(tmp_path / "vq.ckpt"), "--to", "taming"])
+    loaded = checkpoints.load_autoencoder(str(tmp_path / "vq.ckpt"))
+    assert isinstance(loaded, models.VQGAN) and loaded.config == vq.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vq.state_dict().items())
+    with pytest.raises(SystemExit, match="holds a VQGAN: convert it to taming, not diffusers"):
+        checkpoints.main(["convert", str(tmp_path / "last.ckpt"), str(tmp_path / "d"), "--to", "diffusers"])
+    with pytest.raises(SystemExit, match="no autoencoder checkpoint at"):
+        checkpoints.main(["inspect", str(tmp_path / "missing.ckpt")])
+    capsys.readouterr()
+    checkpoints.main(["inspect", str(tmp_path / "vq.ckpt")])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["family"] == "VQGAN" and info["codebook"] == "256 codes x 16" and info["downsampling"] == 8

@@ -1,4 +1,4 @@
-"""demo.sh and its evaluate.py commands: the probe metric, the report writer, the quick demo end to end."""
+"""demo.sh and demo.py's commands: the probe metric, the report writer, the quick demo end to end."""
 import json
 import os
 import re
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import data
-import evaluate
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-demo_eval = evaluate  # the demo's probe metric and report writer live in evaluate.py
+demo_eval = demo  # the demo's probe metric and report writer live in demo.py
 
 
 # Every test here runs tiny networks in-process: one thread (tests/conftest.py).
@@ -92,12 +92,7 @@ def test_probe_eval_command_reads_npz_labels(probe, tmp_path, capsys):
     x, y = demo_eval.synthetic_tensor(40, 64, seed=5)
     npz = str(tmp_path / "samples.npz")
     np.savez(npz, arr_0=uint8_images(x), arr_1=y.numpy())
-    import argparse
-    parser = argparse.ArgumentParser()
-    handlers = demo_eval.add_demo_commands(parser.add_subparsers(dest="metric", required=True))
-    args = parser.parse_args(["probe-eval", npz, "--probe", path])
-    dist = argparse.Namespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
-    handlers[args.metric](args, dist)
+    demo_eval.main(["probe-eval", npz, "--probe", path])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     r = out["results"][npz]
     assert r["num_samples"] == 40 and r["probe_accuracy"] > 0.6

@@ -10,9 +10,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import evaluate
+import checkpoints
 import models
 from helpers import run_script
+
+
+class ArrayImages:
+    """An in-memory uint8 (N, H, W, 3) array as an image set."""
+    def __init__(self, array, path="<array>"):
+        self.array, self.path = array, path
+        self.image_size = tuple(array.shape[1:3])
+
+    def __len__(self):
+        return len(self.array)
+
+    def read(self, start, end):
+        return self.array[start:end]
+
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
@@ -92,7 +108,7 @@ def test_inception_outputs_spatial_layout_and_logits(inception_file):
 
 def test_npz_write_read_and_bad_input(tmp_path):
     images = random_images(7, 8)
-    evaluate.save_npz(tmp_path / "s.npz", images, arr_1=np.arange(7))
+    data.save_npz(tmp_path / "s.npz", images, arr_1=np.arange(7))
     with np.load(tmp_path / "s.npz") as f:                  # ADM layout: arr_0 uint8 NHWC
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (7, 8, 8, 3)
     reader = evaluate.open_images(str(tmp_path / "s.npz"))
@@ -112,7 +128,7 @@ def test_npz_write_read_and_bad_input(tmp_path):
     with pytest.raises(KeyError, match="arr_0"):
         evaluate.open_images(str(tmp_path / "labels.npz"))
     with pytest.raises(ValueError, match="uint8"):
-        evaluate.save_npz(tmp_path / "x.npz", images.astype(np.float32))
+        data.save_npz(tmp_path / "x.npz", images.astype(np.float32))
     with pytest.raises(KeyError, match="mu, sigma"):
         np.savez(tmp_path / "half.npz", mu=np.zeros(3))
         evaluate.read_reference(str(tmp_path / "half.npz"))
@@ -365,7 +381,7 @@ def test_pca_rgb_and_power_spectrum():
 
 def test_cli_stats_and_fid(tmp_path, inception_file, capsys):
     images = random_images(4, 32)
-    evaluate.save_npz(tmp_path / "ref.npz", images)
+    data.save_npz(tmp_path / "ref.npz", images)
     cache = str(tmp_path / "cache")
     out = run_cli(capsys, ["stats", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "stats.npz"), "--keep-images",
                            "4", "--inception", inception_file, "--cache-dir", cache, "--batch-size", "3"])
@@ -393,7 +409,7 @@ def test_evaluate_samples_skips_what_the_reference_lacks(monkeypatch):
              "r": (rng.normal(size=(20, 6)) + 1, rng.normal(size=(20, 5)))}
     monkeypatch.setattr(evaluate, "extract_features", lambda images, *a, **k: feats[images.path])
     model = SimpleNamespace(fc=torch.nn.Linear(6, 10))
-    samples, images = evaluate.ArrayImages(random_images(30, 4), "s"), evaluate.ArrayImages(random_images(20, 4), "r")
+    samples, images = ArrayImages(random_images(30, 4), "s"), ArrayImages(random_images(20, 4), "r")
     mu, sigma = feats["r"][0].mean(0), np.cov(feats["r"][0], rowvar=False)
     # Statistics only: FID from the stored statistics; sFID, precision and recall skipped with a note each.
     res, notes = evaluate.evaluate_samples(samples, {"mu": mu, "sigma": sigma}, model, ONE_PROCESS)
@@ -412,7 +428,7 @@ def tiny_vae_file(tmp_path_factory):
     import models
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("vae") / "tiny.pt")
-    models.save_ldm(models.build_autoencoder("tiny"), path)
+    checkpoints.save_ldm(models.KLVAE_models["tiny"](), path)
     return path
 
 
@@ -435,17 +451,17 @@ def test_cli_vqgan_and_lpips(tmp_path, capsys, monkeypatch):
     import data
     import models
     torch.manual_seed(0)
-    models.save_taming(models.VQGAN("tiny"), str(tmp_path / "vq.ckpt"))
+    checkpoints.save_taming(models.VQGAN_models["tiny"](), str(tmp_path / "vq.ckpt"))
     # VQ-GAN: E = continuous pre-quantisation latent; reconstruction through the codebook.
     out = run_cli(capsys, ["equivariance", "--vae", str(tmp_path / "vq.ckpt"), *VAE_ARGS])
     assert out["rotation"] > 0 and math.isfinite(out["psnr/scale"])
     # recon's LPIPS with random VGG weights (tests never download) equals LPIPS(decoder output, input) computed
     # here directly, image by image.
-    lpips = models.LPIPS(pretrained=False).eval()
-    monkeypatch.setattr(models, "LPIPS", lambda: lpips)
+    lpips = models.LPIPS().eval()
+    monkeypatch.setattr(checkpoints, "load_lpips", lambda *args, **kwargs: lpips)
     out = run_cli(capsys, ["recon", "--vae", str(tmp_path / "vq.ckpt"), *VAE_ARGS, "--no-fid"])
     assert out["num_images"] == 3 and "rfid" not in out
-    vq = models.load_autoencoder(str(tmp_path / "vq.ckpt"))
+    vq = checkpoints.load_autoencoder(str(tmp_path / "vq.ckpt"))
     x = torch.stack([data.build_dataset("synthetic", 32, "center", num_images=3)[i][0] for i in range(3)])
     with torch.no_grad():
         expected = lpips(vq(x)[0], x).mean().item()
@@ -491,7 +507,7 @@ def test_intrinsic_dimension_needs_more_points_than_neighbours():
 def test_preset_tiny_fills_only_untyped_options(tmp_path, capsys):
     torch.manual_seed(0)
     path = str(tmp_path / "tiny.ckpt")
-    models.save_ldm(models.build_autoencoder("tiny"), path)
+    checkpoints.save_ldm(models.KLVAE_models["tiny"](), path)
     evaluate.main(["equivariance", "--vae", path, "--preset", "tiny", "--num-images", "4", "--no-psnr"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["num_images"] == 4 and out["rotation"] > 0

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy.stats import chi2
 
 import finetune_eqvae as fe
+import checkpoints
 import models
 from helpers import run_script
 import train_utils as tu
@@ -146,7 +147,7 @@ def test_latent_and_image_receive_the_same_tau(interp):
 def test_real_autoencoder_shapes_match_for_every_branch():
     """f = 8 KL-VAE at 32 px (4 x 4 latents): decoded tau E(x) and tau x have the same size for all choices."""
     torch.manual_seed(0)
-    model = fe.TauAutoencoder(models.build_autoencoder(json.loads(TINY)))
+    model = fe.TauAutoencoder(models.KLVAE(**json.loads(TINY)))
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     for tau in [fe.Tau("eq", (m / 4, m / 4), k) for m in (1, 2, 3) for k in (1, 3)] + [fe.Tau("lowres", (0.25, 0.25))]:
         target, x_hat, posterior = model(x, tau)
@@ -234,7 +235,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     # Elements whose gradient is zero in exact arithmetic (a conv bias right before a one-channel GroupNorm, the
     # attention key bias) get only rounding noise, which Adam normalises to +-lr whatever its size: they differ with
     # any change of summation order, so they are only bounded (by lr x steps); all others must agree closely.
-    names = [n for n, _ in models.build_autoencoder(json.loads(TINY)).named_parameters()]
+    names = [n for n, _ in models.KLVAE(**json.loads(TINY)).named_parameters()]
     lr, checked = 1e-3, 0
     for i, name in enumerate(names):
         a, b = two["model"][name], one["model"][name]
@@ -257,7 +258,7 @@ def test_two_gloo_processes_with_gan_and_vq(tmp_path):
     args = run_args(tmp_path / "vq", "--model", "vq", "--max-steps", "1", "--grad-accum", "1")
     args[args.index(TINY)] = "tiny"
     fe.main(fe.parse_args(args))
-    assert isinstance(models.load_autoencoder(str(tmp_path / "vq" / "run" / "vqgan.ckpt")), models.VQGAN)
+    assert isinstance(checkpoints.load_autoencoder(str(tmp_path / "vq" / "run" / "vqgan.ckpt")), models.VQGAN)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -274,15 +275,15 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
     assert all(torch.equal(a["opt"]["state"][i]["exp_avg"], b["opt"]["state"][i]["exp_avg"]) for i in a["opt"]["state"])
     # The run folder also holds the exports, and they load back.
-    assert models.load_autoencoder(os.path.join(tmp_path, "resumed", "run", "diffusers")) is not None
+    assert checkpoints.load_autoencoder(os.path.join(tmp_path, "resumed", "run", "diffusers")) is not None
 
     # Bad input on the same folder: a fresh run would overwrite it; resuming with another architecture.
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
         fe.main(fe.parse_args(run_args(tmp_path / "resumed", "--max-steps", "6")))
     other = TINY.replace('"ch": 8', '"ch": 16')
     args = run_args(tmp_path / "resumed", "--max-steps", "6", "--resume", "auto")
     args[args.index(TINY)] = other
-    with pytest.raises(SystemExit, match=r"another autoencoder:\s+ch: checkpoint 8 vs now 16"):
+    with pytest.raises(ValueError, match=r"another autoencoder:\s+ch: checkpoint 8 vs now 16"):
         fe.main(fe.parse_args(args))
 
 
@@ -307,13 +308,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 
 
 def test_bad_input_messages(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="--init /no/such/vae: could not load"):
+    with pytest.raises(ValueError, match="--init /no/such/vae: could not load"):
         fe.main(fe.parse_args(run_args(tmp_path, "--init", "/no/such/vae")))
-    with pytest.raises(SystemExit, match="unknown autoencoder 'sd-vea'"):
+    with pytest.raises(ValueError, match="unknown autoencoder 'sd-vea'"):
         fe.main(fe.parse_args(run_args(tmp_path, "--config", "sd-vea")))
     fake = lambda: SimpleNamespace(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), is_main=True)
     monkeypatch.setattr(tu, "setup_distributed", fake)
-    with pytest.raises(SystemExit, match="--global-batch-size 4 is not divisible by the world size 3"):
+    with pytest.raises(ValueError, match="--global-batch-size 4 is not divisible by the world size 3"):
         fe.main(fe.parse_args(run_args(tmp_path)))
 
 

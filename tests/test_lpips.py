@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchvision.models import vgg as tv_vgg
 
+import checkpoints
 import models
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -15,7 +16,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 @pytest.fixture(scope="module")
 def lpips():
     torch.manual_seed(0)
-    return models.LPIPS(pretrained=False)
+    return models.LPIPS()
 
 
 def test_frozen_eval_and_gradients_reach_the_input(lpips):
@@ -81,28 +82,28 @@ def test_loads_weight_files_with_upstream_key_names(tmp_path):
     lin = _fixture_state_dict("lpips_vgg_lin_v0.1.json")
     torch.save(vgg, tmp_path / "vgg16-397923af.pth")
     torch.save(lin, tmp_path / "vgg.pth")
-    m = models.LPIPS(vgg_weights=str(tmp_path / "vgg16-397923af.pth"), lin_weights=str(tmp_path / "vgg.pth"))
+    m = checkpoints.load_lpips(vgg_weights=str(tmp_path / "vgg16-397923af.pth"), lin_weights=str(tmp_path / "vgg.pth"))
     assert torch.equal(m.features[28].weight, vgg["features.28.weight"])
     assert torch.equal(m.lins["lin4"].model[1].weight, lin["lin4.model.1.weight"])
     lin["lin5.model.1.weight"] = torch.zeros(1, 8, 1, 1)
     torch.save(lin, tmp_path / "bad.pth")
     with pytest.raises(KeyError, match="lin5"):
-        models.LPIPS(vgg_weights=str(tmp_path / "vgg16-397923af.pth"), lin_weights=str(tmp_path / "bad.pth"))
+        checkpoints.load_lpips(vgg_weights=str(tmp_path / "vgg16-397923af.pth"), lin_weights=str(tmp_path / "bad.pth"))
 
 
 def test_find_weights(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        models.find_weights("vgg.pth", "https://example.invalid/vgg.pth", path=str(tmp_path / "missing.pth"))
+        checkpoints.find_weights("vgg.pth", "https://example.invalid/vgg.pth", path=str(tmp_path / "missing.pth"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     # Offline (here: a URL that cannot be fetched) with nothing cached: the message says what and where.
     missing_url = (tmp_path / "no_such_file.pth").as_uri()
     with pytest.raises(FileNotFoundError) as e:
-        models.find_weights("vgg.pth", missing_url)
+        checkpoints.find_weights("vgg.pth", missing_url)
     assert missing_url in str(e.value) and os.path.join(str(tmp_path / "hub"), "checkpoints", "vgg.pth") in str(e.value)
     # A reachable URL is downloaded into the cache once, then found there.
     src = tmp_path / "src.pth"
     torch.save({"w": torch.ones(1)}, src)
-    path = models.find_weights("vgg.pth", src.as_uri())
+    path = checkpoints.find_weights("vgg.pth", src.as_uri())
     assert path == os.path.join(str(tmp_path / "hub"), "checkpoints", "vgg.pth") and os.path.isfile(path)
     os.remove(src)
-    assert models.find_weights("vgg.pth", src.as_uri()) == path
+    assert checkpoints.find_weights("vgg.pth", src.as_uri()) == path

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import models
 from helpers import run_script
 
@@ -86,13 +87,13 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="4x4 tokens"):
         model(torch.zeros(1, 3, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="maskgit-256"):
-        models.build_maskgit("maskgit-huge")
+        models.build(models.MaskGIT_models, "maskgit-huge")
     sd = model.state_dict()
     sd["extra.weight"] = sd.pop("bias")
     with pytest.raises(ValueError, match=r"missing keys .*'bias'.*unexpected keys .*'extra.weight'"):
-        models.load_maskgit_weights(_small(), sd)
+        checkpoints.load_maskgit_weights(_small(), sd)
     with pytest.raises(ValueError, match=r"shape mismatches, first pos_emb"):
-        models.load_maskgit_weights(_small(), _small(input_size=5).state_dict())
+        checkpoints.load_maskgit_weights(_small(), _small(input_size=5).state_dict())
 
 
 def test_load_maskgit_pytorch_checkpoint_format(tmp_path):
@@ -101,14 +102,14 @@ def test_load_maskgit_pytorch_checkpoint_format(tmp_path):
     ref = _small().eval()
     path = str(tmp_path / "current.pth")
     torch.save({"iter": 7, "global_epoch": 1, "model_state_dict": ref.state_dict(), "optimizer_state_dict": {}}, path)
-    model = models.load_maskgit(path, num_classes=5, num_heads=2)
+    model = checkpoints.load_maskgit(path, num_classes=5, num_heads=2)
     assert model.config == ref.config and model.vqgan_path is None and not model.training
     tokens, y = torch.randint(0, 13, (2, 4, 4)), torch.tensor([1, 4])
     with torch.no_grad():
         assert torch.equal(model(tokens, y), ref(tokens, y))
     torch.save({"weights": 1}, str(tmp_path / "other.pth"))
     with pytest.raises(KeyError, match="tok_emb.weight"):
-        models.load_maskgit(str(tmp_path / "other.pth"))
+        checkpoints.load_maskgit(str(tmp_path / "other.pth"))
 
 
 #################################################################################
@@ -248,7 +249,7 @@ def test_label_smoothing_loss_by_hand():
 
 def _tiny_vq(seed):
     torch.manual_seed(seed)
-    return models.VQGAN("tiny").eval()
+    return models.VQGAN_models["tiny"]().eval()
 
 
 def test_token_cache_contents_resume_and_mismatch(tmp_path, one_thread):
@@ -326,8 +327,8 @@ def test_resume_equals_straight_run_and_checkpoint_samples(tmp_path, one_thread)
     assert [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))] == [2, 3, 4, 6]
 
     # The checkpoint loads for sampling (EMA weights) and decodes to token grids of the tiny VQ-GAN.
-    model = models.load_maskgit(os.path.join(resumed, "checkpoints", "0000006.pt"))
+    model = checkpoints.load_maskgit(os.path.join(resumed, "checkpoints", "0000006.pt"))
     assert not model.training and model.config["input_size"] == 8 and model.config["codebook_size"] == 256
-    assert models.load_autoencoder(model.vqgan_path).quantize.embedding.weight.shape == (256, 16)  # its tokeniser
+    assert checkpoints.load_autoencoder(model.vqgan_path).quantize.embedding.weight.shape == (256, 16)  # its tokeniser
     tokens = models.maskgit_sample(model, torch.tensor([0, 9]), steps=4, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (2, 8, 8) and int(tokens.max()) < 256

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import models
 import sample
 
@@ -26,7 +27,7 @@ def sample_args(**kw):
 @pytest.fixture(scope="module")
 def tiny_vae():
     torch.manual_seed(0)
-    return models.build_autoencoder("tiny").eval()
+    return models.KLVAE_models["tiny"]().eval()
 
 
 def test_sit_and_repa_are_told_apart_and_get_their_papers_defaults(tmp_path, tiny_vae):
@@ -76,8 +77,8 @@ def test_mismatched_autoencoder_is_named(tmp_path, tiny_vae):
 
 def test_maskgit_defaults_and_cfg_mapping(tmp_path, monkeypatch):
     torch.manual_seed(3)
-    vq = models.VQGAN(models.vq_configs["tiny"]).eval()
-    tm = models.build_maskgit("maskgit-tiny", input_size=8, codebook_size=vq.quantize.n_embed, num_classes=10)
+    vq = models.VQGAN_models["tiny"]().eval()
+    tm = models.build(models.MaskGIT_models, "maskgit-tiny", input_size=8, codebook_size=vq.quantize.n_embed, num_classes=10)
     torch.save({"model": tm.state_dict(), "ema": tm.state_dict(), "config": tm.config, "vqgan": None},
                tmp_path / "mg.pt")
     seen = {}
@@ -95,16 +96,16 @@ def test_maskgit_defaults_and_cfg_mapping(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(images, vq.decode_indices(torch.zeros(2, 8, 8, dtype=torch.long)))
     with pytest.raises(ValueError, match="VQ-GAN"):
-        sample.setup_maskgit(sample_args(ckpt=str(tmp_path / "mg.pt")), models.build_autoencoder("tiny"),
+        sample.setup_maskgit(sample_args(ckpt=str(tmp_path / "mg.pt")), models.KLVAE_models["tiny"](),
                              torch.device("cpu"))
 
 
 def test_maskgit_end_to_end_npz(tmp_path):
     """sample.py as a user runs it: N images in the ADM layout, the VQ-GAN found through the checkpoint."""
     torch.manual_seed(4)
-    vq = models.VQGAN(models.vq_configs["tiny"]).eval()
-    models.save_taming(vq, str(tmp_path / "vq.ckpt"))
-    tm = models.build_maskgit("maskgit-tiny", input_size=8, codebook_size=vq.quantize.n_embed, num_classes=10)
+    vq = models.VQGAN_models["tiny"]().eval()
+    checkpoints.save_taming(vq, str(tmp_path / "vq.ckpt"))
+    tm = models.build(models.MaskGIT_models, "maskgit-tiny", input_size=8, codebook_size=vq.quantize.n_embed, num_classes=10)
     torch.save({"model": tm.state_dict(), "ema": tm.state_dict(), "config": tm.config,
                 "vqgan": str(tmp_path / "vq.ckpt")}, tmp_path / "mg.pt")
     cmd = [sys.executable, "sample.py", "--model", "maskgit-tiny", "--ckpt", str(tmp_path / "mg.pt"),

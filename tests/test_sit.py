@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import models
 from helpers import run_script
 
@@ -254,7 +255,7 @@ def test_sit_and_repa_layouts(fixture, kwargs):
     assert model.learn_sigma == (not kwargs)  # REPA: 4 output channels
     assert len(models.SiT_models) == 13
     with pytest.raises(ValueError, match="SiT-XL/2"):
-        models.build_sit("SiT-M/2")
+        models.build(models.SiT_models, "SiT-M/2")
 
 
 def test_sit_forward_keeps_first_half_and_rebuilds_from_state_dict():
@@ -267,10 +268,10 @@ def test_sit_forward_keeps_first_half_and_rebuilds_from_state_dict():
     dit.load_state_dict(sit.state_dict())
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     torch.testing.assert_close(sit(x, t, y), dit(x, t, y)[:, :4])
-    again = models.sit_from_state_dict(sit.state_dict()).eval()
+    again = checkpoints.sit_from_state_dict(sit.state_dict()).eval()
     torch.testing.assert_close(again(x, t, y), sit(x, t, y))
     repa = models.SiT_models["SiT-T/2"](input_size=8, num_classes=10, encoder_depth=2, z_dims=[64], projector_dim=32)
-    back = models.sit_from_state_dict(repa.state_dict(), encoder_depth=2)
+    back = checkpoints.sit_from_state_dict(repa.state_dict(), encoder_depth=2)
     assert not back.learn_sigma and back.z_dims == [64] and back.encoder_depth == 2
 
 
@@ -289,7 +290,7 @@ def test_dinov2_layouts():
         assert sum(v.numel() for v in m.state_dict().values()) == n, name
     assert tuple(m.state_dict()["blocks.0.mlp.w12.weight"].shape) == (8192, 1536)  # ViT-g: SwiGLU, hidden 4096
     with pytest.raises(ValueError, match="dinov2_vitb14"):
-        models.load_dinov2("dinov2_vitx14")
+        checkpoints.load_dinov2("dinov2_vitx14")
 
 
 def keys_bicubic_1d(values, n_out, scale):

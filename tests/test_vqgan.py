@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoints
 import models
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -16,7 +17,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 def _tiny_vq(seed=0):
     """Tiny VQGAN whose codebook is spread over its own encoder outputs, so many codes are in use."""
     torch.manual_seed(seed)
-    vq = models.VQGAN("tiny").eval()
+    vq = models.VQGAN_models["tiny"]().eval()
     with torch.no_grad():
         z = vq.encode(torch.rand(4, 3, 64, 64) * 2 - 1).permute(0, 2, 3, 1).reshape(-1, vq.config["embed_dim"])
         codes = z[torch.randint(0, z.shape[0], (vq.config["n_embed"],))]
@@ -37,7 +38,7 @@ def test_f16_1024_keys_and_shapes_match_taming():
     with open(os.path.join(FIXTURES, "vqgan_f16_1024_taming.json")) as f:
         fixture = json.load(f)
     with torch.device("meta"):
-        vq = models.VQGAN("vqgan-f16-1024")
+        vq = models.VQGAN()
     sd = vq.state_dict()
     assert list(sd) == list(fixture["shapes"])  # same names, in the order taming's VQModel registers them
     assert {k: list(v.shape) for k, v in sd.items()} == fixture["shapes"]
@@ -46,13 +47,13 @@ def test_f16_1024_keys_and_shapes_match_taming():
 
 def test_config_inferred_from_shapes():
     with torch.device("meta"):
-        sd = models.VQGAN("vqgan-f16-1024").state_dict()
-    assert models.infer_vqgan_config(sd) == models._vq_resolve_config("vqgan-f16-1024")
+        vq = models.VQGAN()
+    assert checkpoints.infer_vqgan_config(vq.state_dict()) == vq.config
     # An unnamed GroupNorm-32 variant: resolution is not in the weights, so attention is placed for 256 px.
     cfg = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16], resolution=64, z_channels=32,
                n_embed=64, embed_dim=8)
     with torch.device("meta"):
-        inferred = models.infer_vqgan_config(models.VQGAN(cfg).state_dict())
+        inferred = checkpoints.infer_vqgan_config(models.VQGAN(**cfg).state_dict())
     assert inferred["attn_resolutions"] == [64] and inferred["resolution"] == 256
     assert (inferred["ch_mult"], inferred["num_res_blocks"], inferred["n_embed"], inferred["embed_dim"]) == \
         ([1, 2, 2], 1, 64, 8)
@@ -60,7 +61,7 @@ def test_config_inferred_from_shapes():
 
 def test_unknown_config_name_lists_valid_ones():
     with pytest.raises(ValueError, match="vqgan-f16-1024"):
-        models.VQGAN("vqgan-f8-16384")
+        models.build(models.VQGAN_models, "vqgan-f8-16384")
 
 
 # ----------------------------------------------------------------------------- quantiser
@@ -136,12 +137,16 @@ def test_decode_indices_matches_decode_of_quantized_and_rejects_bad_indices():
 
 # ----------------------------------------------------------------------------- codebook health
 
+def codebook_usage(indices, n_embed):
+    return models.codebook_usage_from_histogram(models.codebook_histogram(indices, n_embed))
+
+
 def test_codebook_usage_known_values():
-    assert models.codebook_usage(torch.tensor([0, 0, 1, 1]), 4) == (pytest.approx(2.0), 2)
-    assert models.codebook_usage(torch.arange(8).view(2, 2, 2), 8) == (pytest.approx(8.0), 0)
-    assert models.codebook_usage(torch.full((3, 4, 4), 5), 16) == (pytest.approx(1.0), 15)
+    assert codebook_usage(torch.tensor([0, 0, 1, 1]), 4) == (pytest.approx(2.0), 2)
+    assert codebook_usage(torch.arange(8).view(2, 2, 2), 8) == (pytest.approx(8.0), 0)
+    assert codebook_usage(torch.full((3, 4, 4), 5), 16) == (pytest.approx(1.0), 15)
     # p = (1/2, 1/4, 1/4, 0): H = 1.5 ln 2, perplexity 2^1.5
-    assert models.codebook_usage(torch.tensor([[0, 0], [1, 2]]), 4) == (pytest.approx(2 ** 1.5), 1)
+    assert codebook_usage(torch.tensor([[0, 0], [1, 2]]), 4) == (pytest.approx(2 ** 1.5), 1)
     # a window accumulated from two steps equals the usage of both batches together
     h = models.codebook_histogram(torch.tensor([0, 0]), 4) + models.codebook_histogram(torch.tensor([1, 2]), 4)
     assert models.codebook_usage_from_histogram(h) == (pytest.approx(2 ** 1.5), 1)
@@ -161,10 +166,10 @@ def _same_outputs(a, b, x):
 def test_taming_format_round_trip(tmp_path):
     vq = _tiny_vq()
     path = str(tmp_path / "last.ckpt")
-    models.save_taming(vq, path)
+    checkpoints.save_taming(vq, path)
     raw = torch.load(path, weights_only=True)
     assert list(raw) == ["state_dict"] and list(raw["state_dict"]) == list(vq.state_dict())
-    loaded = models.load_autoencoder(path)
+    loaded = checkpoints.load_autoencoder(path)
     assert isinstance(loaded, models.VQGAN) and not loaded.training
     assert loaded.config == vq.config  # the tiny config is recognised from its shapes
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -188,34 +193,34 @@ def test_maskgit_folder_lightning_checkpoint(tmp_path, monkeypatch):
                 "global_step": 7}, str(folder / "ckpts" / "last.ckpt"))
     del sys.modules["fake_lightning_mod"]
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(mod_dir)])
-    loaded = models.load_vqgan(str(folder))
+    loaded = checkpoints.load_autoencoder(str(folder))
     _same_outputs(vq, loaded, torch.rand(1, 3, 64, 64) * 2 - 1)
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
-        models.load_vqgan(str(tmp_path / "mods"))
+        checkpoints.load_autoencoder(str(tmp_path / "mods"))
 
 
 def test_own_format_and_prefixed_state_dicts():
     vq = _tiny_vq(2)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     own = {"model": vq.state_dict(), "config": vq.config}
-    _same_outputs(vq, models.load_vqgan_from_state_dict(own, "own"), x)
+    _same_outputs(vq, checkpoints.load_vqgan_from_state_dict(own, "own"), x)
     ldm = {"state_dict": {f"first_stage_model.{k}": v for k, v in vq.state_dict().items()}}
-    _same_outputs(vq, models.load_vqgan_from_state_dict(ldm, "ldm"), x)
+    _same_outputs(vq, checkpoints.load_vqgan_from_state_dict(ldm, "ldm"), x)
 
 
 def test_load_errors():
     sd = _tiny_vq().state_dict()
     with pytest.raises(ValueError, match=r"256 codes.*n_embed=512"):
-        models.load_vqgan_from_state_dict(sd, "tiny.ckpt", config=dict(models.vq_configs["tiny"], n_embed=512))
+        checkpoints.load_vqgan_from_state_dict(sd, "tiny.ckpt", config=dict(models.VQGAN_models["tiny"]().config, n_embed=512))
     with pytest.raises(ValueError, match=r"16-dim.*embed_dim=32"):
-        models.load_vqgan_from_state_dict(sd, "tiny.ckpt", config=dict(models.vq_configs["tiny"], embed_dim=32))
+        checkpoints.load_vqgan_from_state_dict(sd, "tiny.ckpt", config=dict(models.VQGAN_models["tiny"]().config, embed_dim=32))
     del sd["decoder.conv_out.bias"]
     with pytest.raises(KeyError, match="decoder.conv_out.bias"):
-        models.load_vqgan_from_state_dict(sd, "tiny.ckpt", config="tiny")
+        checkpoints.load_vqgan_from_state_dict(sd, "tiny.ckpt", config="tiny")
     with pytest.raises(ValueError, match="quantize.embedding.weight"):
-        models.infer_vqgan_config({"encoder.conv_in.weight": torch.zeros(16, 3, 3, 3)})
+        checkpoints.infer_vqgan_config({"encoder.conv_in.weight": torch.zeros(16, 3, 3, 3)})
     with pytest.raises(FileNotFoundError):
-        models.load_vqgan("/nonexistent/last.ckpt")
+        checkpoints.load_autoencoder("/nonexistent/last.ckpt")
 
 
 # ----------------------------------------------------------------------------- fine-tuning loss
