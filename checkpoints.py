@@ -188,19 +188,35 @@ def _export_state_dict(model):
 #################################################################################
 #            KL Autoencoders: LDM <-> diffusers Names, Load and Export          #
 #################################################################################
-# LDM names are models.py's names. diffusers' AutoencoderKL stores the same tensors under other names:
+# LDM names are models.py's names (FLUX's ae.safetensors and SD3's first_stage_model.* use them too). diffusers'
+# AutoencoderKL stores the same tensors under other names (L = len(ch_mult) levels):
 #   encoder.down.{i}.block.{j}          <-> encoder.down_blocks.{i}.resnets.{j}      (nin_shortcut <-> conv_shortcut)
+#   encoder.down.{i}.attn.{j}           <-> encoder.down_blocks.{i}.attentions.{j}   (AttnDownEncoderBlock2D: kl-f16)
 #   encoder.down.{i}.downsample.conv    <-> encoder.down_blocks.{i}.downsamplers.0.conv
-#   decoder.up.{i}.block.{j}            <-> decoder.up_blocks.{L-1-i}.resnets.{j}    (diffusers counts coarse -> fine)
+#   decoder.up.{i}.block / .attn.{j}    <-> decoder.up_blocks.{L-1-i}.resnets / .attentions.{j} (counted coarse -> fine)
 #   decoder.up.{i}.upsample.conv        <-> decoder.up_blocks.{L-1-i}.upsamplers.0.conv
 #   *.mid.block_{1,2}                   <-> *.mid_block.resnets.{0,1}
-#   *.mid.attn_1.{norm,q,k,v,proj_out}  <-> *.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
+#   *.mid.attn_1                        <-> *.mid_block.attentions.0
+#   attention {norm,q,k,v,proj_out}     <-> {group_norm,to_q,to_k,to_v,to_out.0}
 #                                           (1x1 conv [C, C, 1, 1] <-> Linear [C, C]; older files: query/key/value/proj_attn)
 #   *.norm_out                          <-> *.conv_norm_out
 _ATTN_LDM_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_DIFFUSERS_TO_LDM = {v: k for k, v in _ATTN_LDM_TO_DIFFUSERS.items()}
 _ATTN_OLD_DIFFUSERS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# Weight files of a diffusers folder, in the order diffusers' from_pretrained looks for them (a sharded index first),
+# full precision before the fp16 variant (which is read and cast to float32).
+_DIFFUSERS_WEIGHTS = tuple(f"diffusion_pytorch_model{v}.{ext}" for v in ("", ".fp16")
+                           for ext in ("safetensors.index.json", "safetensors", "bin.index.json", "bin")) + (
+    "diffusion_pytorch_model.safetensors.index.fp16.json", "diffusion_pytorch_model.bin.index.fp16.json")
+# diffusers AutoencoderKL config fields that change nothing the network computes (pipelines and tiling read them).
+_DIFFUSERS_INERT = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "force_upcast",
+                    "sample_size"}
+
+
+def _attn_name(prefix, layer, param, to_diffusers):
+    layer = _ATTN_OLD_DIFFUSERS.get(layer, layer)
+    table = _ATTN_LDM_TO_DIFFUSERS if to_diffusers else _ATTN_DIFFUSERS_TO_LDM
+    return f"{prefix}.{table[layer]}.{param}" if layer in table else None
 
 
 def ldm_to_diffusers_name(name, num_levels):
@@ -209,43 +225,44 @@ def ldm_to_diffusers_name(name, num_levels):
     if m:
         part, updown, i, kind, rest = m.groups()
         i = int(i) if part == "encoder" else num_levels - 1 - int(i)  # decoder levels are reversed
-        if kind == "block":
-            j, rest = rest.split(".", 1)
-            return f"{part}.{updown}_blocks.{i}.resnets.{j}.{rest.replace('nin_shortcut', 'conv_shortcut')}"
         if kind in ("downsample", "upsample"):
             return f"{part}.{updown}_blocks.{i}.{kind}rs.0.{rest}"
-        raise ValueError(f"{name}: diffusers' AutoencoderKL has no attention inside {updown} blocks")
+        j, rest = rest.split(".", 1)
+        if kind == "block":
+            return f"{part}.{updown}_blocks.{i}.resnets.{j}.{rest.replace('nin_shortcut', 'conv_shortcut')}"
+        return _attn_name(f"{part}.{updown}_blocks.{i}.attentions.{j}", *rest.rsplit(".", 1), True) or name
     m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.*)", name)
     if m:
         part, sub, rest = m.groups()
         if sub == "attn_1":
-            layer, param = rest.rsplit(".", 1)
-            return f"{part}.mid_block.attentions.0.{_ATTN_LDM_TO_DIFFUSERS[layer]}.{param}"
+            return _attn_name(f"{part}.mid_block.attentions.0", *rest.rsplit(".", 1), True) or name
         return f"{part}.mid_block.resnets.{int(sub[-1]) - 1}.{rest}"
     return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", name)
 
 
 def diffusers_to_ldm_name(name, num_levels):
-    """diffusers AutoencoderKL name (current or older attention names) -> LDM parameter name."""
-    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets\.\d+|downsamplers\.0|upsamplers\.0)\.(.*)",
-                     name)
+    """diffusers AutoencoderKL name (current or older attention names) -> LDM parameter name (unmapped: as is, so
+    the loader reports it as an unexpected key)."""
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)"
+                     r"\.(.*)", name)
     if m:
-        part, updown, i, sub, rest = m.groups()
+        part, updown, i, kind, j, rest = m.groups()
         i = int(i) if part == "encoder" else num_levels - 1 - int(i)
-        if sub.startswith("resnets"):
-            return f"{part}.{updown}.{i}.block.{sub.split('.')[1]}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        if kind == "resnets":
+            return f"{part}.{updown}.{i}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        if kind == "attentions":
+            return _attn_name(f"{part}.{updown}.{i}.attn.{j}", *rest.rsplit(".", 1), False) or name
         return f"{part}.{updown}.{i}.{updown}sample.{rest}"
     m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets\.[01]|attentions\.0)\.(.*)", name)
     if m:
         part, sub, rest = m.groups()
         if sub.startswith("resnets"):
             return f"{part}.mid.block_{int(sub[-1]) + 1}.{rest}"
-        layer, param = rest.rsplit(".", 1)
-        layer = _ATTN_OLD_DIFFUSERS.get(layer, layer)
-        if layer not in _ATTN_DIFFUSERS_TO_LDM:
-            return name  # left unmapped: reported as an unexpected key by the loader
-        return f"{part}.mid.attn_1.{_ATTN_DIFFUSERS_TO_LDM[layer]}.{param}"
+        return _attn_name(f"{part}.mid.attn_1", *rest.rsplit(".", 1), False) or name
     return re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", name)
+
+
+_LDM_ATTN_WEIGHT = re.compile(r"\.(attn_1|attn\.\d+)\.(q|k|v|proj_out)\.weight$")
 
 
 def _diffusers_to_ldm_state_dict(sd):
@@ -254,51 +271,75 @@ def _diffusers_to_ldm_state_dict(sd):
     out = {}
     for k, v in sd.items():
         name = diffusers_to_ldm_name(k, num_levels)
-        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", name) and v.ndim == 2:
-            v = v[:, :, None, None]
-        out[name] = v
+        out[name] = v[:, :, None, None] if _LDM_ATTN_WEIGHT.search(name) and v.ndim == 2 else v
     return out
 
 
 def _ldm_to_diffusers_state_dict(sd, num_levels):
     """Rename an LDM state dict to diffusers names; attention 1x1 conv weights become Linear [C, C]."""
-    out = {}
-    for k, v in sd.items():
-        name = ldm_to_diffusers_name(k, num_levels)
-        if re.search(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", name):
-            v = v[:, :, 0, 0]
-        out[name] = v
-    return out
+    return {ldm_to_diffusers_name(k, num_levels): v[:, :, 0, 0] if _LDM_ATTN_WEIGHT.search(k) else v
+            for k, v in sd.items()}
 
 
-def _config_from_diffusers(cfg):
-    """Our KLVAE config from a diffusers AutoencoderKL config.json."""
-    unsupported = []
+def _config_from_diffusers(cfg, source):
+    """Our KLVAE config from a diffusers AutoencoderKL config.json; a field that would make KLVAE compute something
+    else than diffusers (or that we do not know) is an error naming it."""
+    L = len(cfg["block_out_channels"])
+    kinds = {"down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+             "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")}
+    known = _DIFFUSERS_INERT | set(kinds) | {"in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                                             "act_fn", "latent_channels", "norm_num_groups", "scaling_factor",
+                                             "shift_factor", "latents_mean", "latents_std", "use_quant_conv",
+                                             "use_post_quant_conv", "mid_block_add_attention"}
+    problems = [f"unknown field {k}={v!r}" for k, v in cfg.items() if k not in known]
+    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        problems.append(f"_class_name={cfg['_class_name']!r} (KLVAE is diffusers' AutoencoderKL)")
     if cfg.get("act_fn", "silu") != "silu":
-        unsupported.append(f"act_fn={cfg['act_fn']!r}")
-    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if cfg.get(key, True) is False:
-            unsupported.append(f"{key}=False")
-    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        if any(t != kind for t in cfg.get(key, [kind])):
-            unsupported.append(f"{key}={cfg[key]}")
-    if cfg.get("shift_factor") not in (None, 0, 0.0):
-        unsupported.append(f"shift_factor={cfg['shift_factor']}")
-    if unsupported:
-        raise ValueError(f"this diffusers autoencoder is not the SD-VAE / SDXL-VAE layout that KLVAE builds "
-                         f"({', '.join(unsupported)}); load an SD-VAE-family checkpoint")
+        problems.append(f"act_fn={cfg['act_fn']!r}")
+    if cfg.get("mid_block_add_attention", True) is False:
+        problems.append("mid_block_add_attention=False")
+    if cfg.get("use_quant_conv", True) != cfg.get("use_post_quant_conv", True):
+        problems.append(f"use_quant_conv={cfg.get('use_quant_conv')} with use_post_quant_conv="
+                        f"{cfg.get('use_post_quant_conv')} (KLVAE has both or neither)")
+    attn = {}
+    for key, (plain, with_attn) in kinds.items():
+        types = cfg.get(key, [plain] * L)
+        if len(types) != L or any(t not in (plain, with_attn) for t in types):
+            problems.append(f"{key}={types}")
+            continue
+        # up_block_types counts from the coarsest level: level i is entry L-1-i
+        attn[key] = [t == with_attn for t in (types if key == "down_block_types" else types[::-1])]
+    if not problems and attn["down_block_types"] != attn["up_block_types"]:
+        problems.append("attention in encoder and decoder at different levels")
+    if problems:
+        raise ValueError(f"{source}: this diffusers autoencoder is not a layout KLVAE builds ({'; '.join(problems)}); "
+                         f"KLVAE reads SD-VAE, SDXL-VAE, SD3 / FLUX VAEs and LDM kl-f* autoencoders")
     widths = list(cfg["block_out_channels"])
     if any(w % widths[0] for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
+        raise ValueError(f"{source}: block_out_channels {widths} are not multiples of the first width")
+    resolution = cfg.get("sample_size", 256)
+    resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
+    latent = cfg.get("latent_channels", 4)
     return dict(ch=widths[0], ch_mult=[w // widths[0] for w in widths], num_res_blocks=cfg.get("layers_per_block", 1),
-                attn_resolutions=[], z_channels=cfg.get("latent_channels", 4), embed_dim=cfg.get("latent_channels", 4),
-                in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3),
-                resolution=cfg.get("sample_size", 256), norm_num_groups=cfg.get("norm_num_groups", 32),
-                scaling_factor=cfg.get("scaling_factor", 0.18215))
+                attn_resolutions=[resolution // 2 ** i for i, a in enumerate(attn["down_block_types"]) if a],
+                z_channels=latent, embed_dim=latent, in_channels=cfg.get("in_channels", 3),
+                out_ch=cfg.get("out_channels", 3), resolution=resolution, norm_num_groups=cfg.get("norm_num_groups", 32),
+                use_quant_conv=cfg.get("use_quant_conv", True), scaling_factor=cfg.get("scaling_factor", 0.18215),
+                shift_factor=cfg.get("shift_factor") or 0.0, latents_mean=cfg.get("latents_mean"),
+                latents_std=cfg.get("latents_std"))
+
+
+# The latent normalisation a weights-only file cannot tell (the weights of SD-VAE and SDXL-VAE, or of SD3's and
+# FLUX's VAEs, have the same shapes): recognised from a whole pipeline checkpoint's other keys or the file's name.
+_FAMILY_HINTS = [  # (family, keys of a whole checkpoint, words in the file name)
+    ("sdxl-vae", ("conditioner.embedders.1.",), ("sdxl", "sd_xl")),
+    ("sd3-vae", ("model.diffusion_model.joint_blocks.", "joint_blocks."), ("sd3",)),
+    ("flux-vae", ("double_blocks.", "model.diffusion_model.double_blocks."), ("flux", "ae.safetensors")),
+]
 
 
 def _infer_kl_config(sd, source):
-    """KLVAE config read off the tensor shapes of an LDM-named state dict (files without a config)."""
+    """KLVAE architecture read off the tensor shapes of an LDM-named state dict (files without a config)."""
     def shape(key):
         if key not in sd:
             raise KeyError(f"{source}: cannot infer the autoencoder architecture, tensor {key!r} is missing "
@@ -308,19 +349,79 @@ def _infer_kl_config(sd, source):
     levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     num_res_blocks = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
     resolution = 256  # not stored in weights; only places attention levels (attn_resolutions) below
+    use_quant_conv = "quant_conv.weight" in sd  # SD3 and FLUX have none
+    z = shape("decoder.conv_in.weight")[1]
     config = dict(
         ch=ch, in_channels=in_channels, num_res_blocks=num_res_blocks, resolution=resolution,
         ch_mult=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels],
         attn_resolutions=[resolution // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd],
-        z_channels=shape("decoder.conv_in.weight")[1], embed_dim=shape("post_quant_conv.weight")[1],
-        out_ch=shape("decoder.conv_out.weight")[0],
-    )
+        z_channels=z, embed_dim=shape("post_quant_conv.weight")[1] if use_quant_conv else z,
+        out_ch=shape("decoder.conv_out.weight")[0], use_quant_conv=use_quant_conv)
     # LDM hard-codes GroupNorm(32); a file without a config cannot tell us anything else.
     widths = [ch] + [ch * m for m in config["ch_mult"]]
     if any(w % 32 for w in widths):
         raise ValueError(f"{source}: channel widths {widths} are not multiples of 32, so the GroupNorm group count "
                          f"cannot be inferred; load a checkpoint that carries its config (save_ldm / save_diffusers)")
     return config
+
+
+def _family_norm(config, source, raw_keys):
+    """The latent normalisation of a weights-only file's family, and how it was chosen: (norm dict, note)."""
+    name = os.path.basename(str(source)).lower()
+    sd_like = config["use_quant_conv"] and config["z_channels"] == 4   # SD-VAE, SDXL-VAE (LDM kl-f8)
+    sd3_like = not config["use_quant_conv"] and config["z_channels"] == 16  # SD3, FLUX
+    family = why = None
+    for candidate, keys, words in _FAMILY_HINTS:
+        if (candidate == "sdxl-vae" and sd_like) or (candidate != "sdxl-vae" and sd3_like):
+            if any(k.startswith(keys) for k in raw_keys):
+                family, why = candidate, "the checkpoint's other networks"
+            elif any(w in name for w in words):
+                family, why = candidate, f"the file name {os.path.basename(str(source))!r}"
+            if family:
+                break
+    if family is None and sd_like:
+        family, why = "sd-vae", "SD-VAE's default (pass --scaling-factor 0.13025 for SDXL-VAE)"
+    if family is None and sd3_like:
+        raise ValueError(f"{source}: a 16-channel VAE without quant convs is SD3's or FLUX's, whose weights look "
+                         f"alike but whose latents are normalised differently, and neither its name nor its keys "
+                         f"say which: pass --scaling-factor 1.5305 --shift-factor 0.0609 (SD3) or --scaling-factor "
+                         f"0.3611 --shift-factor 0.1159 (FLUX)")
+    if family is None:
+        return {"scaling_factor": 1.0}, "scale 1.0: no latent scale is known for this architecture (measure one " \
+                                        "with evaluate.py latent-stats)"
+    with torch.device("meta"):
+        return models.KLVAE_models[family]().latent_norm(), f"{family}'s latent normalisation, from {why}"
+
+
+def _read_state_dict_file(path):
+    """The tensors of one .safetensors / .bin / .ckpt / .pt / .pth file (plus the safetensors metadata)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    return torch_load(path), {}
+
+
+def _read_diffusers_folder(path):
+    """(state dict in float32, config.json) of a diffusers AutoencoderKL folder: one weights file, a sharded one
+    (an index naming the shards) or the fp16 variant."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    found = [w for w in _DIFFUSERS_WEIGHTS if os.path.isfile(os.path.join(path, w))]
+    if not found:
+        raise FileNotFoundError(f"diffusers folder {path!r} has config.json but no weights (looked for "
+                                f"{', '.join(_DIFFUSERS_WEIGHTS[:4])}, and the .fp16 variants)")
+    first = os.path.join(path, found[0])
+    if first.endswith(".json"):
+        with open(first) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise FileNotFoundError(f"{first} names shards that are not in the folder: {missing[:3]}")
+        sd = {k: v for s in shards for k, v in _read_state_dict_file(os.path.join(path, s))[0].items()}
+    else:
+        sd = _read_state_dict_file(first)[0]
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, config
 
 
 def _read_checkpoint(path, ema=False):
@@ -337,26 +438,17 @@ def _read_checkpoint(path, ema=False):
             return sd, config, None, "taming VQ-GAN folder"
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{path!r} is a folder without config.json: expected a diffusers AutoencoderKL "
-                                    f"folder (config.json + {' or '.join(_DIFFUSERS_WEIGHTS)}) or a taming / "
+                                    f"folder (config.json + diffusion_pytorch_model.safetensors) or a taming / "
                                     f"MaskGIT-pytorch VQ-GAN folder (last.ckpt or ckpts/last.ckpt)")
-        weights = [os.path.join(path, w) for w in _DIFFUSERS_WEIGHTS if os.path.isfile(os.path.join(path, w))]
-        if not weights:
-            raise FileNotFoundError(f"diffusers folder {path!r} has config.json but neither of {_DIFFUSERS_WEIGHTS}")
-        with open(config_path) as f:
-            diffusers_config = json.load(f)
-        return _read_checkpoint(weights[0])[0], None, diffusers_config, "diffusers folder"
+        sd, diffusers_config = _read_diffusers_folder(path)
+        return sd, None, diffusers_config, "diffusers folder"
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-        # save_ldm stores its config in the metadata
-        return sd, json.loads(meta["config"]) if "config" in meta else None, None, "safetensors file"
-    if ext not in (".ckpt", ".pt", ".pth", ".bin"):
+    if ext not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise ValueError(f"unknown checkpoint format {ext!r} for {path!r}: expected a diffusers folder or a "
                          f".safetensors, .ckpt, .pt, .pth or .bin file")
-    ckpt = torch_load(path)
+    ckpt, meta = _read_state_dict_file(path)
+    if ext == ".safetensors":  # save_ldm stores its config in the metadata
+        return ckpt, json.loads(meta["config"]) if "config" in meta else None, None, "safetensors file"
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint dict")
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
@@ -383,25 +475,39 @@ def _strip_prefixes(sd):
     return {k: v for k, v in sd.items() if not k.startswith("loss.") and torch.is_tensor(v)}
 
 
-def load_autoencoder(path, ema=False):
-    """A KLVAE (or taming VQGAN) in eval mode from a diffusers folder, an LDM / diffusers / taming file, or this
-    project's checkpoint ({"model", "config" or "args", ...}; ema=True takes its "ema" weights instead)."""
+def load_autoencoder(path, ema=False, scaling_factor=None, shift_factor=None, log=None):
+    """
+    A KLVAE (or taming VQGAN) in eval mode from a diffusers folder (one file, shards or the fp16 variant; a
+    pipeline's vae/ subfolder), an LDM / SD3 / FLUX / diffusers / taming file, or this project's checkpoint
+    ({"model", "config" or "args", ...}; ema=True takes its "ema" weights instead). scaling_factor / shift_factor
+    override the latent normalisation the file carries (or, for weights-only files, the one of their family);
+    log: a function told how a weights-only file's normalisation was chosen.
+    """
     sd, config, diffusers_config, _ = _read_checkpoint(path, ema)
-    source = str(path)
+    source, raw_keys = str(path), list(sd)
     sd = _strip_prefixes(sd)
     if "quantize.embedding.weight" in sd:  # taming VQ-GAN: own VQ checkpoints carry a config
         return load_vqgan_from_state_dict(sd, source, config=config).eval()
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         sd = _diffusers_to_ldm_state_dict(sd)
     # Some diffusers -> LDM conversions leave the attention 1x1 convs as 2-D [C, C] matrices.
-    sd = {k: v[:, :, None, None] if v.ndim == 2 and re.search(r"\.attn(_1|\.\d+)\.(q|k|v|proj_out)\.weight$", k)
-          else v for k, v in sd.items()}
+    sd = {k: v[:, :, None, None] if v.ndim == 2 and _LDM_ATTN_WEIGHT.search(k) else v for k, v in sd.items()}
     if not any(k.startswith("encoder.") for k in sd):
         raise ValueError(f"{source}: not an autoencoder checkpoint (no encoder.* tensors; first keys: {sorted(sd)[:5]})")
     if diffusers_config is not None:
-        config = _config_from_diffusers(diffusers_config)  # scaling_factor as the folder says (eq-vae-ema: 0.0683)
+        config = _config_from_diffusers(diffusers_config, source)  # normalisation as the folder says
     elif config is None:
-        config = _infer_kl_config(sd, source)  # scaling_factor: SD-VAE's default (set SDXL's 0.13025 yourself)
+        config = _infer_kl_config(sd, source)
+        if scaling_factor is None:  # (given, it replaces whatever the family would say)
+            norm, note = _family_norm(config, source, raw_keys)
+            config.update(norm)
+            if log is not None:
+                log(f"{source}: the file stores no latent normalisation; using {note}")
+    config = dict(config)
+    if scaling_factor is not None:
+        config.update(scaling_factor=float(scaling_factor), latents_mean=None, latents_std=None)
+    if shift_factor is not None:
+        config["shift_factor"] = float(shift_factor)
     try:
         vae = models.KLVAE(**config)
     except TypeError as e:  # a config key KLVAE does not know
@@ -410,23 +516,34 @@ def load_autoencoder(path, ema=False):
     return vae.eval()
 
 
-def save_diffusers(vae, folder):
-    """Write `vae` as a diffusers AutoencoderKL folder: config.json + diffusion_pytorch_model.safetensors."""
-    from safetensors.torch import save_file
+def diffusers_config(vae):
+    """The diffusers AutoencoderKL config.json of a KLVAE (the fields diffusers 0.42 writes)."""
     c = vae.config
-    if c["attn_resolutions"] or c["embed_dim"] != c["z_channels"]:
-        raise ValueError("diffusers' AutoencoderKL has no attention outside the mid block and one latent width "
-                         f"(attn_resolutions={c['attn_resolutions']}, embed_dim={c['embed_dim']}, z={c['z_channels']})")
+    if c["embed_dim"] != c["z_channels"]:
+        raise ValueError(f"diffusers' AutoencoderKL has one latent width, this autoencoder two (embed_dim="
+                         f"{c['embed_dim']}, z_channels={c['z_channels']}): export it with save_ldm")
     L = len(c["ch_mult"])
-    config = {
+    attn = [c["resolution"] // 2 ** i in c["attn_resolutions"] for i in range(L)]  # attention at level i
+    return {
         "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0",
         "in_channels": c["in_channels"], "out_channels": c["out_ch"],
-        "down_block_types": ["DownEncoderBlock2D"] * L, "up_block_types": ["UpDecoderBlock2D"] * L,
+        "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+        "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attn[::-1]],
         "block_out_channels": [c["ch"] * m for m in c["ch_mult"]], "layers_per_block": c["num_res_blocks"],
         "act_fn": "silu", "latent_channels": c["z_channels"], "norm_num_groups": c["norm_num_groups"],
-        "sample_size": c["resolution"], "scaling_factor": float(vae.scaling_factor),
+        "sample_size": c["resolution"], "scaling_factor": c["scaling_factor"],
+        "shift_factor": c["shift_factor"] or None, "latents_mean": c["latents_mean"], "latents_std": c["latents_std"],
+        "force_upcast": True, "use_quant_conv": c["use_quant_conv"], "use_post_quant_conv": c["use_quant_conv"],
+        "mid_block_add_attention": True,
     }
-    sd = _ldm_to_diffusers_state_dict(_export_state_dict(vae), L)
+
+
+def save_diffusers(vae, folder):
+    """Write `vae` as a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) that
+    AutoencoderKL.from_pretrained loads unchanged; atomically (a kill leaves the old folder or the new one)."""
+    from safetensors.torch import save_file
+    config = diffusers_config(vae)
+    sd = _ldm_to_diffusers_state_dict(_export_state_dict(vae), len(vae.config["ch_mult"]))
 
     def write(tmp):
         save_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
@@ -436,14 +553,38 @@ def save_diffusers(vae, folder):
 
 
 def save_ldm(vae, path):
-    """Write `vae` in LDM format: {"state_dict": LDM names} (.ckpt/.pt/.pth) or a flat .safetensors file; our
-    config rides along ("config" key / safetensors metadata) and is ignored by LDM's own loader."""
+    """Write `vae` in LDM format: {"state_dict": LDM names} (.ckpt/.pt/.pth) or a flat .safetensors file (FLUX's
+    ae.safetensors layout); our config rides along ("config" key / safetensors metadata), ignored by LDM's loader."""
     config = dict(vae.config)
     sd = _export_state_dict(vae)
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
         return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "config": json.dumps(config)}))
     return atomic_write(path, lambda tmp: torch.save({"state_dict": sd, "config": config}, tmp))
+
+
+def set_latent_norm(path, norm):
+    """Write a latent normalisation ({scaling_factor, shift_factor, latents_mean, latents_std}, as
+    KLVAE.latent_norm()) into an export: a diffusers folder's config.json (the weights are not touched) or a file
+    save_ldm wrote (which carries our config). Other files are refused, rather than rewritten."""
+    norm = dict(norm)
+    folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(folder, "config.json")):
+        config_path = os.path.join(folder, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config.update(norm, shift_factor=norm["shift_factor"] or None)
+        _config_from_diffusers(config, config_path)  # still a layout KLVAE reads
+        atomic_write(config_path, lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2)))
+        return config_path
+    sd, config, _, fmt = _read_checkpoint(path)
+    if config is None or "quantize.embedding.weight" in sd or fmt not in ("safetensors file", "LDM / taming checkpoint"):
+        raise ValueError(f"{path}: only an export of this project (a diffusers folder, or an LDM file save_ldm wrote) "
+                         f"is updated in place; convert it first (python checkpoints.py convert {path} OUT --to "
+                         f"diffusers), or pass the values as --scaling-factor / --shift-factor")
+    vae = load_autoencoder(path)
+    vae.config.update(norm)
+    return save_ldm(vae, path)
 
 
 #################################################################################
@@ -663,7 +804,7 @@ def load_maskgit(path, use_ema=True, num_classes=1000, num_heads=16):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MaskGIT checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch_load(path)
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # ours
         state_dict = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
         config = ckpt["config"]

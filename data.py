@@ -533,6 +533,20 @@ def vae_fingerprint(vae):
     return h.hexdigest()[:16]
 
 
+def dataset_fingerprint(dataset):
+    """sha256 (first 16 hex digits) of which images a dataset holds, in order, with their labels: the relative file
+    paths of an ImageFolder (its scan, no file is opened), the parameters of the synthetic set; and the transform."""
+    h = hashlib.sha256()
+    if isinstance(dataset, SyntheticImages):
+        h.update(f"synthetic:{dataset.num_images}:{dataset.resolution}:{dataset.num_classes}:{dataset.seed}".encode())
+    else:
+        for path, label in dataset.samples:
+            h.update(f"{os.path.relpath(path, dataset.root)}\t{label}\n".encode())
+        t = dataset.transform
+        h.update(f"{getattr(t, 'kind', type(t).__name__)}:{getattr(t, 'size', '')}".encode())
+    return h.hexdigest()[:16]
+
+
 def _atomic_save_npy(path, array):
     """np.save to a temporary file in the same folder, then rename: readers never see half a file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -608,14 +622,18 @@ def build_latent_cache(vae, dataset, cache_dir, resolution, vae_name="", data_na
     """The KL autoencoder's posterior (mean | std) of every image and its mirror (build_encoded_cache). Returns meta."""
     probe = vae.encode(dataset[0][0][None].to(device)).mean  # (1, C, h, w): the latent shape for this resolution
     meta = {"format": LATENT_CACHE_FORMAT, "vae": str(vae_name), "vae_sha256": vae_fingerprint(vae),
-            "resolution": int(resolution), "scaling_factor": float(vae.scaling_factor), "num_images": len(dataset),
-            "latent_shape": list(probe.shape[1:]), "shard_size": int(shard_size), "data": str(data_name)}
+            "resolution": int(resolution), "latent_norm": vae.latent_norm(), "num_images": len(dataset),
+            "latent_shape": list(probe.shape[1:]), "shard_size": int(shard_size), "data": str(data_name),
+            "data_sha256": dataset_fingerprint(dataset)}
 
     def encode_pair(x):  # (B, 3, R, R) -> (B, 2, 2C, h, w)
         posteriors = [vae.encode(xi) for xi in (x, x.flip(-1))]  # DiT's random flip, both ways
         return torch.stack([torch.cat([p.mean, p.std], dim=1) for p in posteriors], dim=1).float()
 
-    checked = ["format", "vae_sha256", "resolution", "scaling_factor", "num_images", "latent_shape", "shard_size"]
+    # The normalisation is applied when a cached latent is read; it is checked all the same, so a generator is
+    # never trained on latents normalised otherwise than the autoencoder it will decode with.
+    checked = ["format", "vae_sha256", "resolution", "latent_norm", "num_images", "latent_shape", "shard_size",
+               "data_sha256"]
     return build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank, world_size, batch_size,
                                np.float32, device, log, what="latent cache")
 
@@ -629,12 +647,13 @@ def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_na
     meta = {"format": TOKEN_CACHE_FORMAT, "vqgan": str(vqgan_name), "vqgan_sha256": vae_fingerprint(vq),
             "resolution": int(resolution), "data": str(data_name), "num_images": len(dataset), "grid": grid,
             "codebook_size": codebook_size, "shard_size": int(shard_size),
-            "num_classes": len(getattr(dataset, "classes", [])) or None}
+            "num_classes": len(getattr(dataset, "classes", [])) or None, "data_sha256": dataset_fingerprint(dataset)}
 
     def encode_pair(x):  # (B, 3, R, R) -> (B, 2, h, w), fp32 tokeniser
         return torch.stack([vq.encode_indices(xi) for xi in (x, x.flip(-1))], dim=1)
 
-    checked = ["format", "vqgan_sha256", "resolution", "data", "num_images", "grid", "codebook_size", "shard_size"]
+    checked = ["format", "vqgan_sha256", "resolution", "data", "num_images", "grid", "codebook_size", "shard_size",
+               "data_sha256"]
     return build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank, world_size, batch_size,
                                np.uint16 if codebook_size <= 2 ** 16 else np.int32, device, log, what="token cache")
 

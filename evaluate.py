@@ -7,6 +7,7 @@ Stage 4: every number the EQ-VAE paper reports, from one script.
     python evaluate.py equivariance --vae PATH --data D # equivariance error Delta (App. C.3)
     python evaluate.py id LATENTS.npy                   # intrinsic dimension: TwoNN (Table 5) and Levina-Bickel MLE
     python evaluate.py latents --vae PATH --data D --out DIR   # PCA-as-RGB pictures (Fig. 1), power spectrum
+    python evaluate.py latent-stats --vae PATH --data D [--write EXPORT]  # the shift and scale a generator needs
 
 Each run prints one JSON object on stdout and a readable table on stderr. Feature extraction runs on every rank
 under `torchrun` (each rank takes a contiguous shard, rank 0 gathers and computes the metric) and as plain python.
@@ -906,6 +907,38 @@ def cmd_equivariance(args, dist):
 
 
 @torch.no_grad()
+def cmd_latent_stats(args, dist):
+    """The latent normalisation an autoencoder needs for a generator (SD3's recipe: shift = mean, scale = 1 / std
+    of the latents it trains on, posterior samples), over all elements or per channel; --write stores it in an
+    export. Fine-tuning moves these statistics (EQ-VAE's does): re-measure after it."""
+    vae, dataset, loader = autoencoder_loader(args, dist)
+    if not isinstance(vae, models.KLVAE):
+        raise ValueError(f"latent-stats: {args.vae} is a VQ-GAN, whose tokens are not normalised")
+    g = torch.Generator(dist.device).manual_seed(args.seed * 1_000_003 + dist.rank)
+    sums = torch.zeros(3, vae.config["embed_dim"], dtype=torch.float64, device=dist.device)  # count, sum, sum sq
+    for x, _ in tqdm(loader, desc="latent-stats", disable=not dist.is_main, file=sys.stderr, leave=False):
+        z = vae.encode(x.to(dist.device)).sample(g).double()  # (B, C, h, w)
+        sums += torch.stack([torch.full_like(z[0, :, 0, 0], z[:, 0].numel()), z.sum((0, 2, 3)), z.pow(2).sum((0, 2, 3))])
+    if dist.world_size > 1:
+        tdist.all_reduce(sums)
+    if not dist.is_main:
+        return
+    n, s1, s2 = sums.cpu()
+    mean_c, mean = s1 / n, float(s1.sum() / n.sum())
+    std_c, std = (s2 / n - mean_c ** 2).clamp_min(0).sqrt(), float(s2.sum() / n.sum() - mean ** 2) ** 0.5
+    if args.per_channel:  # diffusers' latents_mean / latents_std: (z - mean_c) * scale / std_c with scale 1
+        norm = dict(scaling_factor=1.0, shift_factor=0.0, latents_mean=mean_c.tolist(), latents_std=std_c.tolist())
+    else:
+        norm = dict(scaling_factor=1.0 / std, shift_factor=mean, latents_mean=None, latents_std=None)
+    results = {**norm, "channel_mean": mean_c.tolist(), "channel_std": std_c.tolist(), "was": vae.latent_norm(),
+               "num_images": len(dataset)}
+    notes = []
+    if args.write:
+        notes.append(f"written into {checkpoints.set_latent_norm(args.write, norm)}")
+    report(results, notes, f"latent statistics of {args.vae} on {args.data}")
+
+
+@torch.no_grad()
 def collect_latents(args, dist, latent="mean"):
     vae, dataset, loader = autoencoder_loader(args, dist)
     encode = encoder_fn(vae, latent)
@@ -1023,8 +1056,14 @@ def main(argv=None):
     p.add_argument("--latent", choices=["mean", "sample"], default="mean")
     p.add_argument("--num-show", type=int, default=8)
 
+    p = sub.add_parser("latent-stats", help="the latent normalisation (shift, scale) a generator needs")
+    common(p, vae=True)
+    p.add_argument("--per-channel", action="store_true", help="latents_mean / latents_std per channel instead")
+    p.add_argument("--write", default=None, help="store the values in this export (diffusers folder, save_ldm file)")
+    p.add_argument("--seed", type=int, default=0, help="of the posterior samples")
+
     handlers = {"fid": cmd_fid, "stats": cmd_stats, "recon": cmd_recon, "equivariance": cmd_equivariance,
-                "id": cmd_id, "latents": cmd_latents}
+                "id": cmd_id, "latents": cmd_latents, "latent-stats": cmd_latent_stats}
 
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):

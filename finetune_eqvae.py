@@ -265,8 +265,9 @@ def run_name(args):
     return "eqvae-" + (args.config if args.config and not args.config.lstrip().startswith("{") else f"{args.model}-custom")
 
 
-def build_autoencoder(args):
-    """--init PATH (anything checkpoints.load_autoencoder reads) or --init none with --config NAME or JSON."""
+def build_autoencoder(args, log=print):
+    """--init PATH (anything checkpoints.load_autoencoder reads) or --init none with --config NAME or JSON; the
+    latent normalisation of --scaling-factor / --shift-factor when given (the exports carry it)."""
     if args.init.lower() == "none":
         table = models.VQGAN_models if args.model == "vq" else models.KLVAE_models
         config = args.config or ("vqgan-f16-1024" if args.model == "vq" else "sd-vae")
@@ -279,13 +280,18 @@ def build_autoencoder(args):
             raise ValueError(f"--config {args.config}: {str(e).replace('unknown model', 'unknown autoencoder')}") \
                 from None
     else:
+        norm = {k: v for k, v in (("scaling_factor", args.scaling_factor), ("shift_factor", args.shift_factor))
+                if v is not None}
         try:
-            vae = checkpoints.load_autoencoder(args.init)
+            vae = checkpoints.load_autoencoder(args.init, log=log, **norm)
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"--init {args.init}: could not load an autoencoder: {e}") from None
         kind = "vq" if isinstance(vae, models.VQGAN) else "kl"
         if kind != args.model:
             raise ValueError(f"--init {args.init} holds a {'VQ-GAN' if kind == 'vq' else 'KL-VAE'}; pass --model {kind}.")
+    if isinstance(vae, models.KLVAE):
+        vae.config.update({k: float(v) for k, v in (("scaling_factor", args.scaling_factor),
+                                                     ("shift_factor", args.shift_factor)) if v is not None})
     return vae.train()
 
 
@@ -322,14 +328,25 @@ def shared_noise(seed, step, micro, grad_accum, rank, world, device):
 
 
 def export_autoencoder(vae, exp_dir, logger):
-    """The fine-tuned autoencoder as a taming checkpoint (VQ-GAN) or a diffusers folder and an LDM checkpoint (KL)."""
+    """The fine-tuned autoencoder as a taming checkpoint (VQ-GAN), or an LDM checkpoint and a diffusers folder (KL).
+    The last training checkpoint already holds the weights; each export is tried even when another fails (a kl-f16
+    with a custom architecture, say), and a failure is reported at the end, naming what was written."""
     if isinstance(vae, models.VQGAN):
-        checkpoints.save_taming(vae, os.path.join(exp_dir, "vqgan.ckpt"))
+        exports = [("vqgan.ckpt", checkpoints.save_taming)]
     else:
-        checkpoints.save_diffusers(vae, os.path.join(exp_dir, "diffusers"))
-        checkpoints.save_ldm(vae, os.path.join(exp_dir, "eqvae.ckpt"))
-    logger.info(f"Done: exported the fine-tuned autoencoder to {exp_dir} "
-                f"({'vqgan.ckpt' if isinstance(vae, models.VQGAN) else 'diffusers/ and eqvae.ckpt'})")
+        exports = [("eqvae.ckpt", checkpoints.save_ldm), ("diffusers", checkpoints.save_diffusers)]
+    written, failed = [], []
+    for name, save in exports:
+        try:
+            save(vae, os.path.join(exp_dir, name))
+            written.append(name)
+        except (OSError, ValueError) as e:
+            failed.append(f"{name}: {e}")
+            logger.info(f"Could not export {name}: {e}")
+    if failed:
+        raise ValueError(f"export to {exp_dir} failed for {'; '.join(failed)} (written: {', '.join(written) or 'none'}; "
+                         f"the weights are in the last checkpoint of {os.path.join(exp_dir, 'checkpoints')})")
+    logger.info(f"Done: exported the fine-tuned autoencoder to {exp_dir} ({' and '.join(written)})")
 
 
 def main(args):
@@ -356,7 +373,7 @@ def main(args):
 
     # Create models (seeded identically on every rank, so the initial weights do not depend on the world size):
     torch.manual_seed(args.global_seed)
-    vae = build_autoencoder(args).to(device)
+    vae = build_autoencoder(args, logger.info).to(device)
     is_vq = isinstance(vae, models.VQGAN)
     if args.disc_weight is None:
         args.disc_weight = 0.8 if is_vq else 0.5  # taming's VQ-GAN config / the EQ-VAE (LDM) config
@@ -514,8 +531,10 @@ def get_parser():
     p.add_argument("--model", choices=["kl", "vq"], default="kl", help="KL-VAE (SD-VAE, SDXL-VAE) or VQ-GAN")
     p.add_argument("--init", type=str, default=None, help="pretrained autoencoder (diffusers folder, LDM/taming "
                    "checkpoint, ours), or 'none' to train --config from scratch")
-    p.add_argument("--config", type=str, default=None, help="architecture for --init none: sd-vae, sdxl-vae, tiny "
-                   "(KL) or vqgan-f16-1024, tiny (VQ)")
+    p.add_argument("--config", type=str, default=None, help="architecture for --init none: a name in "
+                   f"models.KLVAE_models ({', '.join(models.KLVAE_models)}) or VQGAN_models "
+                   f"({', '.join(models.VQGAN_models)}), or a JSON dict of constructor arguments")
+    tu.add_latent_norm_args(p)
     # EQ-VAE (Sec. 3.3; official code: p_prior 0.5, p_prior_s 0.25, 24 discrete scales, bilinear)
     p.add_argument("--eq-prob", type=float, default=0.5, help="probability of the equivariance branch (p_alpha); "
                    "0 is the plain fine-tune control of Table 6 (add --lowres-prob 0 for full-resolution only)")

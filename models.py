@@ -344,6 +344,16 @@ KLVAE_models = {
     # CPU-sized f8 autoencoder for tests and the demo (64 px -> 4 x 8 x 8). GroupNorm(32) needs >= 32 channels,
     # so 8 groups here; everything else is SD-VAE's design.
     "tiny": partial(KLVAE, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, resolution=64, norm_num_groups=8),
+    # SD3's and FLUX.1's VAE: SD-VAE's layout with 16 latent channels and no quant convs; their generators see
+    # (z - shift) * scale (diffusers vae/config.json of stable-diffusion-3-medium-diffusers and FLUX.1-dev).
+    "sd3-vae": partial(KLVAE, z_channels=16, use_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
+    "flux-vae": partial(KLVAE, z_channels=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+    # SD-VAE-16 = LDM kl-f16 (configs/autoencoder/autoencoder_kl_16x16x16.yaml): f16, 16 x 16 x 16 latents at 256 px,
+    # attention at 16 px. LDM publishes no latent scale for it: measure one (evaluate.py latent-stats).
+    "sd-vae-16": partial(KLVAE, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=16, scaling_factor=1.0),
+    # The SD3-style path at CPU size (tests, demo): the tiny autoencoder with 16 channels and no quant convs.
+    "tiny-16": partial(KLVAE, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, resolution=64, norm_num_groups=8,
+                       z_channels=16, use_quant_conv=False, scaling_factor=1.0),
 }
 
 
@@ -999,24 +1009,30 @@ class DiT(nn.Module):
         x = self.unpatchify(x)      # (N, out_channels, H, W)
         return (x, zs) if self.encoder_depth is not None else x
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_all_channels=False):
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_all_channels=False, guidance_interval=(0.0, 1.0)):
         """
         Classifier-free guidance in one batched forward. x, t, y: (2N, ...) with the conditional half first and the
         null label in the second half; the first half of x is used for both. Returns (2N, out_channels, H, W) with the
-        guided eps in both halves.
+        guided eps in both halves. guidance_interval (low, high): guide only where low <= t / 1000 <= high (DiT's
+        1000 training steps; t = 0 is the data), the conditional output elsewhere (the interval of Kynkaanniemi
+        et al. 2024 that REPA samples with, EQ-VAE Table 4's *).
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
         if isinstance(model_out, tuple):
             model_out = model_out[0]
-        # For exact reproducibility of the official numbers, guidance acts on only the first three channels by
-        # default, as in DiT and SiT (a leftover; cfg 1.5 on 3 of 4 channels ~ 1.375 on all). cfg_all_channels=True
-        # is the standard formulation.
-        n = self.in_channels if cfg_all_channels else 3
+        # For exact reproducibility of the official numbers, guidance acts on only the first three channels of
+        # SD-VAE's 4 by default, as in DiT and SiT (a leftover; cfg 1.5 on 3 of 4 channels ~ 1.375 on all); on other
+        # latents (SD3 / FLUX: 16 channels) on all, the standard formulation, as cfg_all_channels=True does.
+        n = self.in_channels if cfg_all_channels or self.in_channels != 4 else 3
         eps, rest = model_out[:, :n], model_out[:, n:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        low, high = guidance_interval
+        if (low, high) != (0.0, 1.0):
+            tau = (t[: len(t) // 2].float() / 1000).view(-1, 1, 1, 1)
+            half_eps = torch.where((tau >= low) & (tau <= high), half_eps, cond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
@@ -1055,7 +1071,10 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 DIT_SIZES = {"XL": dict(depth=28, hidden_size=1152, num_heads=16), "L": dict(depth=24, hidden_size=1024, num_heads=16),
              "B": dict(depth=12, hidden_size=768, num_heads=12), "S": dict(depth=12, hidden_size=384, num_heads=6),
              "T": dict(depth=4, hidden_size=128, num_heads=4)}
-DIT_PATCHES = {"XL": (2, 4, 8), "L": (2, 4, 8), "B": (2, 4, 8), "S": (2, 4, 8), "T": (2,)}
+# Patch 1 serves f16 autoencoders (SD-VAE-16: 16 x 16 x 16 latents at 256 px), where /2 leaves 64 tokens: the
+# EQ-VAE code has /2, /4, /8 only and hard-codes f8 latents, and the paper's SD-VAE-16 row (gFID 64.1 vs 43.8 for
+# SD-VAE with DiT-B/2) fits B/2's 4x fewer tokens; both are here.
+DIT_PATCHES = {"XL": (1, 2, 4, 8), "L": (1, 2, 4, 8), "B": (1, 2, 4, 8), "S": (1, 2, 4, 8), "T": (1, 2)}
 DiT_models = {f"DiT-{size}/{p}": partial(DiT, patch_size=p, **cfg) for size, cfg in DIT_SIZES.items()
               for p in DIT_PATCHES[size]}
 
@@ -1563,7 +1582,8 @@ class Transport:
             y_null = torch.full_like(y, null_class)
             out = model(torch.cat([x, x]).to(model_dtype), torch.cat([tt, tt]).to(model_dtype), torch.cat([y, y_null]))
             cond, uncond = (out[0] if isinstance(out, tuple) else out).to(torch.float64).chunk(2)
-            c = cond.shape[1] if cfg_channels is None else cfg_channels
+            # the 3-channel leftover is SD-VAE's (4 channels); other latents are guided on every channel
+            c = cond.shape[1] if cfg_channels is None or cond.shape[1] != 4 else cfg_channels
             guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
             return torch.cat([guided, cond[:, c:]], dim=1)
         return fn

@@ -17,6 +17,8 @@ unset take each family's published evaluation settings.
     python sample.py --model maskgit-256 --ckpt MaskGIT_ImageNet_256.pth --vae pretrained_maskgit/VQGAN/
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 
@@ -35,20 +37,33 @@ import train_utils as tu
 #################################################################################
 
 PRESETS = {
-    "tiny": dict(model="DiT-T/2", image_size=64, num_classes=10, num_samples=32, per_proc_batch_size=16),
+    # The model (and its autoencoder) come from the checkpoint.
+    "tiny": dict(image_size=64, num_classes=10, num_samples=32, per_proc_batch_size=16),
 }
 
 
-def read_weights(path, which):
-    """State dict from an official file (plain state dict) or one of our / DiT train.py checkpoints ("ema"/"model")."""
+def read_checkpoint(path, which):
+    """
+    (state dict, what the training run recorded) from an official file (a plain state dict; Maskgit-pytorch's
+    {"model_state_dict"}), DiT's train.py checkpoint or this project's: `which` weights ("ema" or "model") and
+    recorded = {"model", "vae", "vae_norm", "vqgan", "config", "args"} as far as the checkpoint holds them.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--ckpt {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # DiT train.py checkpoints pickle their args
-    if isinstance(ckpt, dict) and isinstance(ckpt.get(which), dict):
-        return ckpt[which]
-    if isinstance(ckpt, dict) and "model" in ckpt and which not in ckpt:
+    ckpt = checkpoints.torch_load(path)  # weights_only; DiT train.py's pickled args become an inert stub
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"--ckpt {path} holds a {type(ckpt).__name__}, not a state dict or a checkpoint")
+    if isinstance(ckpt.get("model_state_dict"), dict):  # Maskgit-pytorch's release
+        return ckpt["model_state_dict"], {}
+    if not isinstance(ckpt.get("model"), dict):
+        return ckpt, {}  # official release: the state dict itself
+    if not isinstance(ckpt.get(which), dict):
         raise KeyError(f"{path} has no {which!r} weights (keys: {sorted(ckpt)})")
-    return ckpt  # official release: the state dict itself
+    recorded = {k: ckpt[k] for k in ("vae", "vae_norm", "vqgan", "config") if ckpt.get(k) is not None}
+    if isinstance(ckpt.get("args"), dict):
+        recorded["args"] = ckpt["args"]
+        recorded["model"] = ckpt["args"].get("model")
+    return ckpt[which], recorded
 
 
 def set_defaults(args, **defaults):
@@ -58,25 +73,18 @@ def set_defaults(args, **defaults):
             setattr(args, key, value)
 
 
-@torch.no_grad()
-def latent_shape(vae, image_size, device):
-    """(C, h, w) of the autoencoder's latents at this resolution (a KL posterior's mean, a VQ-GAN's latent)."""
-    z = vae.encode(torch.zeros(1, 3, image_size, image_size, device=device))
-    return tuple((z.mean if hasattr(z, "mean") and not torch.is_tensor(z) else z).shape[1:])
-
-
-def setup_dit(args, vae, device):
+def setup_dit(args, vae, device, state_dict, recorded):
     """
     DiT: build the model, load the checkpoint, and return generate(labels (n,), generator) -> images (n, 3, H, W)
     in [-1, 1]: DiT's ancestral sampler over respaced steps with classifier-free guidance (or DDIM), then the VAE.
     """
-    state_dict = read_weights(args.ckpt, args.weights)
     if "x_embedder.proj.weight" not in state_dict:
         raise ValueError(f"{args.ckpt} is not a DiT checkpoint (first keys: {sorted(state_dict)[:5]})")
-    set_defaults(args, sampler="ddpm", num_sampling_steps=250, cfg_scale=1.5)  # DiT's FID-50K protocol
+    set_defaults(args, sampler="ddpm", num_sampling_steps=250, cfg_scale=1.5, guidance_low=0.0,
+                 guidance_high=1.0)  # DiT's FID-50K protocol: guidance at every step
     if args.sampler not in ("ddpm", "ddim"):
         raise ValueError(f"--sampler for DiT: ddpm or ddim, got {args.sampler!r}")
-    C, h, _ = latent_shape(vae, args.image_size, device)
+    C, h, _ = vae.latent_shape(args.image_size)
     model = models.build(models.DiT_models, args.model, input_size=h, num_classes=args.num_classes,
                          in_channels=checkpoints.dit_config_from_state_dict(state_dict)["in_channels"])
     checkpoints.load_dit_weights(model, state_dict)  # a checkpoint of another config is an error saying which
@@ -96,7 +104,8 @@ def setup_dit(args, vae, device):
             z = torch.cat([z, z], 0)
             y = torch.cat([labels, torch.full_like(labels, args.num_classes)], 0)
             fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=args.cfg_scale,
-                                                      cfg_all_channels=args.cfg_all_channels)
+                                                      cfg_all_channels=args.cfg_all_channels,
+                                                      guidance_interval=(args.guidance_low, args.guidance_high))
         else:
             fn, kwargs = model.forward, dict(y=labels)
         loop = diffusion.ddim_sample_loop if args.sampler == "ddim" else diffusion.p_sample_loop
@@ -109,18 +118,14 @@ def setup_dit(args, vae, device):
     return generate
 
 
-def setup_sit(args, vae, device):
+def setup_sit(args, vae, device, state_dict, recorded):
     """
     SiT or SiT + REPA (a checkpoint with projectors): integrate the learned velocity from noise to data, with the
     probability-flow ODE or the SDE, under each family's own clock (SiT: t = 1 is data; REPA: t = 0 is data).
     """
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
-    state_dict = read_weights(args.ckpt, args.weights)
     if "x_embedder.proj.weight" not in state_dict:
         raise ValueError(f"{args.ckpt} is not a SiT / REPA checkpoint (first keys: {sorted(state_dict)[:5]})")
-    targs = ckpt.get("args", {}) if ours else {}
-    targs = targs if isinstance(targs, dict) else vars(targs)
+    targs = recorded.get("args", {})
     model = checkpoints.sit_from_state_dict(state_dict, encoder_depth=targs.get("encoder_depth")).to(device).eval()
     family = "repa" if model.z_dims else "sit"
     d = models.SAMPLER_DEFAULTS[family]
@@ -128,7 +133,7 @@ def setup_sit(args, vae, device):
                  guidance_high=d["guidance_high"])
     set_defaults(args, sampler=d["sampler"] if args.mode == "ode" else "euler-maruyama",
                  num_sampling_steps=d["ode_steps" if args.mode == "ode" else "sde_steps"])
-    C, h, _ = latent_shape(vae, args.image_size, device)
+    C, h, _ = vae.latent_shape(args.image_size)
     if (model.in_channels, model.x_embedder.num_patches) != (C, (h // model.patch_size) ** 2):
         raise ValueError(f"the {family.upper()} checkpoint takes {model.in_channels}-channel latents of another size "
                          f"than the autoencoder gives at {args.image_size} px ({C} x {h} x {h}): pass the autoencoder "
@@ -150,13 +155,17 @@ def setup_sit(args, vae, device):
     return generate
 
 
-def setup_maskgit(args, vae, device):
+def setup_maskgit(args, vae, device, state_dict, recorded):
     """
     MaskGIT: start from all [MASK] tokens and reveal the most confident ones over a few steps (MaskGIT Sec. 3.2),
     then decode the token grid with the VQ-GAN. --cfg-scale s is the guidance (1 + w) c - w u at its final weight,
     i.e. Maskgit-pytorch's w = s - 1 (w = 3 by default, ramped up over the steps).
     """
-    model = checkpoints.load_maskgit(args.ckpt, use_ema=args.weights == "ema", num_classes=args.num_classes).to(device)
+    if "tok_emb.weight" not in state_dict:
+        raise ValueError(f"{args.ckpt} is not a MaskGIT checkpoint (first keys: {sorted(state_dict)[:5]})")
+    config = recorded.get("config") or checkpoints.maskgit_config_from_state_dict(state_dict, args.num_classes)
+    model = checkpoints.load_maskgit_weights(models.MaskTransformer(**config), state_dict, args.ckpt)
+    model = model.to(device).eval()
     variant_defaults = {"pytorch": (8, 4.0), "jax": (12, 1.0)}  # (steps, cfg scale) of Maskgit-pytorch / MaskGIT
     set_defaults(args, sampler="pytorch")
     if args.sampler not in variant_defaults:
@@ -165,7 +174,7 @@ def setup_maskgit(args, vae, device):
                  cfg_scale=variant_defaults[args.sampler][1])
     if not isinstance(vae, models.VQGAN):
         raise ValueError("MaskGIT decodes VQ-GAN tokens: --vae must be the VQ-GAN the model was trained on")
-    grid = latent_shape(vae, args.image_size, device)[1]
+    grid = vae.latent_shape(args.image_size)[1]
     if (grid, vae.quantize.n_embed) != (model.input_size, model.codebook_size):
         raise ValueError(f"the MaskGIT checkpoint expects {model.input_size} x {model.input_size} tokens of "
                          f"{model.codebook_size} codes; the VQ-GAN gives {grid} x {grid} of {vae.quantize.n_embed}")
@@ -213,28 +222,43 @@ def batch_count(args, b):
     return min(args.per_proc_batch_size, args.num_samples - b * args.per_proc_batch_size)
 
 
-def shard_done(out_dir, b, n):
-    """Whether batch b's shard exists; one of another size (other --per-proc-batch-size) is an error."""
+def shard_done(out_dir, b, n, recipe):
+    """Whether batch b's shard exists and was drawn by this very recipe (checkpoint, autoencoder, every sampling
+    option); one of another size or recipe is an error (a shard is reused only when it is the one this run draws)."""
     path = os.path.join(out_dir, f"{b:06d}.npz")
     if not os.path.exists(path):
         return False
-    found = len(np.load(path)["arr_1"])
+    try:
+        with np.load(path) as f:
+            found, made_by = len(f["arr_1"]), json.loads(str(f["recipe"])) if "recipe" in f.files else None
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable sample shard ({type(e).__name__}: {e}); delete it") from None
+    if made_by != recipe:
+        diff = [k for k in sorted(set(recipe) | set(made_by or {})) if (made_by or {}).get(k) != recipe.get(k)]
+        raise ValueError(f"{path} was drawn with other settings ({', '.join(diff)} differ): use another "
+                         f"--sample-dir or delete the folder")
     if found != n:
         raise ValueError(f"{path} holds {found} images, this run expects {n}: it was written with another "
                          f"--per-proc-batch-size or --num-samples; use another --sample-dir or delete the folder")
     return True
 
 
-def default_autoencoder(ckpt_path):
-    """The autoencoder a training run recorded: a MaskGIT checkpoint's "vqgan" path, or the vae-*.ckpt that a run on
-    a random tiny autoencoder saved in its experiment folder."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if os.path.isfile(ckpt_path) else {}
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("vqgan"), str) and os.path.exists(ckpt["vqgan"]):
-        return ckpt["vqgan"]
-    exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
-    found = [f for f in sorted(os.listdir(exp_dir)) if f.startswith("vae-")] if os.path.isdir(exp_dir) else []
+def autoencoder_path(args, recorded):
+    """--vae; else the autoencoder the training run recorded (its path, a MaskGIT run's VQ-GAN); else the random
+    tiny one a pipeline-check run saved in its folder."""
+    if args.vae:
+        return args.vae
+    for key in ("vae", "vqgan"):
+        if recorded.get(key):
+            if not os.path.exists(recorded[key]):
+                raise FileNotFoundError(f"{args.ckpt} was trained on the autoencoder {recorded[key]}, which is not "
+                                        f"there any more: pass it with --vae")
+            return recorded[key]
+    exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+    found = sorted(f for f in os.listdir(exp_dir) if f.startswith(("vae-", "vqgan-"))) if os.path.isdir(exp_dir) else []
     if not found:
-        raise ValueError("--vae is required (the autoencoder the model was trained with)")
+        raise ValueError(f"{args.ckpt} does not record its autoencoder (official checkpoints never do): pass the one "
+                         f"the model was trained with, --vae PATH")
     return os.path.join(exp_dir, found[0])
 
 
@@ -245,27 +269,54 @@ def main(args):
     device = dist.device
     args.precision = tu.resolve_precision(args.precision, device)
     logger = tu.create_logger(None)
-    setup = family_of(args.model)  # unknown names fail before anything is loaded
     if args.class_labels and any(not 0 <= int(c) < args.num_classes for c in args.class_labels.split(",")):
         raise ValueError(f"--class-labels must lie in [0, {args.num_classes})")
 
-    # Autoencoder: the one the model was trained on (a train_dit.py run with a random tiny VAE saved it beside it).
-    vae_path = args.vae or default_autoencoder(args.ckpt)
-    vae = checkpoints.load_autoencoder(vae_path).to(device)
-    logger.info(f"Autoencoder: {vae_path}")
-    generate = setup(args, vae, device)
+    # The model: its weights, and the family and autoencoder its training run recorded (official files record none).
+    state_dict, recorded = read_checkpoint(args.ckpt, args.weights)
+    if args.model is None:
+        if not recorded.get("model"):
+            raise ValueError(f"{args.ckpt} does not record which model it holds (official checkpoints do not): pass "
+                             f"--model, e.g. --model DiT-XL/2")
+        args.model = recorded["model"]
+    elif recorded.get("model") and recorded["model"] != args.model:
+        raise ValueError(f"--model {args.model}, but {args.ckpt} was trained as {recorded['model']}: leave --model out "
+                         f"(the checkpoint says it), or pass the checkpoint you meant")
+    setup = family_of(args.model)  # unknown names fail before the autoencoder is loaded
 
-    # Output folder: one shard per batch, named by batch index; finished shards are kept on rerun.
+    # Autoencoder: the one the model was trained on, normalising latents as in training unless told otherwise.
+    vae_path = autoencoder_path(args, recorded)
+    overrides = {k: v for k, v in (("scaling_factor", args.scaling_factor), ("shift_factor", args.shift_factor))
+                 if v is not None}
+    vae = checkpoints.load_autoencoder(vae_path, log=logger.info, **overrides).to(device)
+    if isinstance(vae, models.KLVAE) and recorded.get("vae_norm") and not overrides:
+        if recorded["vae_norm"] != vae.latent_norm():
+            logger.info(f"Latent normalisation as the model was trained: {recorded['vae_norm']} (the autoencoder "
+                        f"file says {vae.latent_norm()})")
+        vae.config.update(recorded["vae_norm"])
+    logger.info(f"Autoencoder: {vae_path}")
+    generate = setup(args, vae, device, state_dict, recorded)
+    del state_dict
+
+    # Output folder: one shard per batch, named by batch index; a shard is reused only by a run of the same recipe.
+    recipe = {"ckpt": os.path.abspath(args.ckpt), "ckpt_bytes": os.path.getsize(args.ckpt),
+              "ckpt_mtime_ns": os.stat(args.ckpt).st_mtime_ns, "vae": os.path.abspath(vae_path),
+              "vae_sha256": data.vae_fingerprint(vae), "latent_norm": getattr(vae, "latent_norm", dict)(),
+              **{k: getattr(args, k) for k in ("model", "weights", "image_size", "num_classes", "class_labels",
+                                               "cfg_scale", "cfg_all_channels", "sampler", "mode",
+                                               "num_sampling_steps", "guidance_low", "guidance_high", "global_seed",
+                                               "precision", "per_proc_batch_size")}}
     ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     name = (f"{args.model.replace('/', '-')}-{ckpt_name}-{args.weights}-size-{args.image_size}-cfg-{args.cfg_scale}-"
-            f"{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}")
+            f"{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}-{digest}")
     out_dir = os.path.join(args.sample_dir, name)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
     tu.barrier()
     n_batches = math.ceil(args.num_samples / args.per_proc_batch_size)
     mine = [b for b in range(n_batches) if b % dist.world_size == dist.rank]
-    todo = [b for b in mine if not shard_done(out_dir, b, batch_count(args, b))]
+    todo = [b for b in mine if not shard_done(out_dir, b, batch_count(args, b), recipe)]
     logger.info(f"Sampling {args.num_samples} images into {out_dir}: {n_batches} batches, {len(mine) - len(todo)} of "
                 f"rank 0's {len(mine)} already done")
     for b in (tqdm(todo) if dist.is_main else todo):
@@ -275,12 +326,13 @@ def main(args):
         labels = batch_labels(args, start, n, generator, device)
         images = generate(labels, generator)                                  # (n, 3, H, W) in [-1, 1]
         arr = data.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()          # (n, H, W, 3) uint8 (ADM layout)
-        data.save_npz(os.path.join(out_dir, f"{b:06d}.npz"), arr, arr_1=labels.cpu().numpy())  # atomic
+        data.save_npz(os.path.join(out_dir, f"{b:06d}.npz"), arr, arr_1=labels.cpu().numpy(),
+                      recipe=np.array(json.dumps(recipe)))  # atomic; the recipe says which run may reuse it
     tu.barrier()
 
     # Gather the shards into one .npz with exactly num_samples images, and a grid of the first ones:
     if dist.is_main:
-        assert all(shard_done(out_dir, b, batch_count(args, b)) for b in range(n_batches))
+        assert all(shard_done(out_dir, b, batch_count(args, b), recipe) for b in range(n_batches))
         shards = [np.load(os.path.join(out_dir, f"{b:06d}.npz")) for b in range(n_batches)]
         images = np.concatenate([s["arr_0"] for s in shards])[: args.num_samples]
         labels = np.concatenate([s["arr_1"] for s in shards])[: args.num_samples]
@@ -288,21 +340,23 @@ def main(args):
         npz_path = data.save_npz(f"{out_dir}.npz", images, arr_1=labels)
         grid = torch.from_numpy(images[: args.grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         data.save_image_grid(grid, f"{out_dir}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
-        logger.info(f"Saved {npz_path} [arr_0 {images.shape} uint8, arr_1 labels] and {out_dir}.png")
+        logger.info(f"Done: {npz_path} [arr_0 {images.shape} uint8, arr_1 labels] and the grid {out_dir}.png")
     tu.barrier()
-    tu.cleanup_distributed()
+    return out_dir
 
 
 if __name__ == "__main__":
     # Defaults: DiT's FID-50K protocol (sample_ddp.py): 250 ancestral steps, cfg 1.5, 50,000 samples.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", type=str, choices=sorted(PRESETS), default=None)
-    parser.add_argument("--model", type=str, default="DiT-XL/2")
+    parser.add_argument("--model", type=str, default=None, help="DiT-XL/2, SiT-XL/2, maskgit-256, ... (default: "
+                        "what the checkpoint records; official checkpoints need it)")
     parser.add_argument("--ckpt", type=str, required=True, help="official weights or a train_dit.py checkpoint")
     parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
                         help="which weights of a training checkpoint (official files hold one set)")
     parser.add_argument("--vae", type=str, default=None,
-                        help="autoencoder the model was trained on (default: the vae-*.ckpt beside a tiny run)")
+                        help="autoencoder the model was trained on (default: the one the checkpoint records)")
+    tu.add_latent_norm_args(parser)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=50_000)
@@ -319,13 +373,13 @@ if __name__ == "__main__":
                         help="SiT/REPA: probability-flow ODE (SiT's default) or SDE (REPA's default)")
     parser.add_argument("--num-sampling-steps", type=int, default=None,
                         help="default: DiT 250, SiT SDE 250, REPA SDE 250, MaskGIT 8 (jax 12)")
-    parser.add_argument("--guidance-low", type=float, default=None, help="SiT/REPA: guide only for t >= this")
+    parser.add_argument("--guidance-low", type=float, default=None,
+                        help="guide only for t >= this (t in [0, 1], 0 = data; DiT: t = timestep / 1000)")
     parser.add_argument("--guidance-high", type=float, default=None,
-                        help="SiT/REPA: guide only for t <= this (REPA's guidance interval: 0.7)")
+                        help="guide only for t <= this (REPA's guidance interval: 0.7; default 1: every step)")
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast for the model (the reference samples in fp32/TF32)")
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--grid-size", type=int, default=64, help="images in the PNG grid")
-    args = tu.apply_preset(parser.parse_args(), parser, PRESETS)
-    main(args)
+    tu.run_main(main, tu.apply_preset(parser.parse_args(), parser, PRESETS))

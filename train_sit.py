@@ -88,7 +88,9 @@ def main(args):
     logger = exp.logger
 
     # Autoencoder (frozen) and the latent shape it gives at this resolution:
-    vae, vae_path = tu.load_frozen_autoencoder(args.vae, "kl", exp, device)
+    vae, vae_path = tu.load_frozen_autoencoder(args.vae, "kl", exp, device, scaling_factor=args.scaling_factor,
+                                               shift_factor=args.shift_factor)
+    autoencoder = dict(vae=vae_path, vae_norm=vae.latent_norm())  # recorded in checkpoints: sample.py decodes with it
     latent_shape = vae.latent_shape(args.image_size)
     logger.info(f"Latents: {latent_shape} at {args.image_size} px, normalised as {vae.latent_norm()}")
 
@@ -180,7 +182,7 @@ def main(args):
 
         # Save SiT checkpoint:
         if train_steps % args.ckpt_every == 0 or train_steps == args.max_steps:
-            tu.save_generator(exp, train_steps, args, model, ema, opt, scaler, loader, vae_norm=vae.latent_norm())
+            tu.save_generator(exp, train_steps, args, model, ema, opt, scaler, loader, **autoencoder)
     meter.close()
     logger.info(f"Done: {args.model}{' + REPA' if args.repa else ''} trained for {train_steps:,} steps; checkpoints "
                 f"in {exp.ckpt_dir} (sample.py --ckpt {tu.list_checkpoints(exp.ckpt_dir)[-1]} draws from it)")

@@ -226,6 +226,17 @@ def add_latent_args(parser, what, table, model):
     g.add_argument("--cache-batch-size", type=positive_int, default=64, help="images per autoencoder forward "
                    "while building the cache")
     g.add_argument("--cache-shard-size", type=positive_int, default=1000, help="images per cache file")
+    add_latent_norm_args(g)
+    return parser
+
+
+def add_latent_norm_args(parser):
+    """--scaling-factor / --shift-factor: override the latent normalisation an autoencoder file carries."""
+    parser.add_argument("--scaling-factor", type=float, default=None, help="latents enter the generator as (z - "
+                        "shift) * scale; default: what the autoencoder carries (SD-VAE 0.18215, SDXL 0.13025, "
+                        "SD3 1.5305, FLUX 0.3611; evaluate.py latent-stats measures one)")
+    parser.add_argument("--shift-factor", type=float, default=None, help="default: the autoencoder's (SD3 0.0609, "
+                        "FLUX 0.1159, else 0)")
     return parser
 
 
@@ -292,30 +303,33 @@ def distributed(model, device):
     return DDP(model, device_ids=[device.index] if torch.device(device).type == "cuda" else None)
 
 
-def load_frozen_autoencoder(spec, kind, exp, device, seed=0):
+def load_frozen_autoencoder(spec, kind, exp, device, seed=0, scaling_factor=None, shift_factor=None):
     """
     The frozen autoencoder of a stage-2 run (eval mode, no gradients, on device): a checkpoint path (anything
-    checkpoints.load_autoencoder reads), or the name of a tiny config in models.KLVAE_models / VQGAN_models, built
+    checkpoints.load_autoencoder reads), or the name of a config in models.KLVAE_models / VQGAN_models, built
     with random weights from `seed` (tests and pipeline checks only) and saved into the run folder, where sample.py
-    finds it. kind: "kl" (DiT, SiT: continuous latents) or "vq" (MaskGIT: tokens). Returns (autoencoder, its path).
+    finds it. kind: "kl" (DiT, SiT: continuous latents) or "vq" (MaskGIT: tokens). scaling_factor / shift_factor
+    (--scaling-factor / --shift-factor) replace the latent normalisation the autoencoder carries.
+    Returns (autoencoder, its path).
     """
     table = models.KLVAE_models if kind == "kl" else models.VQGAN_models
+    norm = {k: v for k, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)) if v is not None}
     if spec in table and not os.path.exists(spec):
         with torch.random.fork_rng():  # the same random weights on every rank, without touching the run's seed
             torch.manual_seed(seed)
-            ae = table[spec]()
+            ae = table[spec](**norm)
         path = os.path.join(exp.dir, f"{'vae' if kind == 'kl' else 'vqgan'}-{spec}-random.ckpt")
         if _rank() == 0 and not os.path.exists(path):
             (checkpoints.save_ldm if kind == "kl" else checkpoints.save_taming)(ae, path)
         exp.logger.info(f"Autoencoder: {spec!r} with RANDOM weights (a pipeline check, not a real autoencoder), "
                         f"saved to {path}")
     else:
-        ae, path = checkpoints.load_autoencoder(spec), os.path.abspath(spec)
+        ae, path = checkpoints.load_autoencoder(spec, log=exp.logger.info, **norm), os.path.abspath(spec)
         exp.logger.info(f"Autoencoder: loaded {spec}")
     is_vq = isinstance(ae, models.VQGAN)
     if is_vq != (kind == "vq"):
         need = "a VQ-GAN's discrete tokens (MaskGIT)" if kind == "vq" else "a KL autoencoder's continuous latents"
-        raise SystemExit(f"{spec} holds a {type(ae).__name__}; this stage trains on {need}")
+        raise ValueError(f"{spec} holds a {type(ae).__name__}; this stage trains on {need}")
     requires_grad(ae, False)
     return ae.eval().to(device), path
 
@@ -452,9 +466,12 @@ def load_checkpoint(path, required=("model",)):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise RuntimeError(f"Could not read checkpoint {path}: {e}. Is the file complete?") from e
+        # weights_only: our checkpoints hold tensors and plain values only (RNG states included), so nothing in a
+        # checkpoint file can run code when it is read.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, a file of another program ...
+        raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"is the file complete?") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise KeyError(f"{path} is not a training checkpoint of this stage: expected keys {list(required)}, found {have}")
@@ -514,7 +531,11 @@ def check_resume_args(saved_args, args, keys):
 #################################################################################
 
 def _local_rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain Python values, so checkpoints open with
+    torch.load(weights_only=True), as DiT's and REPA's own loading code does (numpy's state is an ndarray)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -540,7 +561,8 @@ def restore_rng_states(states, logger=None):
         return
     s = states[_rank()]
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])

@@ -47,7 +47,7 @@ def test_all_configs_and_unknown_name():
             m = fn(input_size=32)
         depth, hidden, heads = expected[size]
         assert (len(m.blocks), m.pos_embed.shape[-1], m.num_heads, m.patch_size) == (depth, hidden, heads, int(p))
-    assert len(models.DiT_models) == 13
+    assert len(models.DiT_models) == 18  # XL, L, B, S with patch 1, 2, 4, 8; T with 1, 2
     with pytest.raises(ValueError, match="DiT-XL/2"):
         models.build(models.DiT_models, "DiT-M/2")
 
@@ -362,6 +362,6 @@ def test_sample_reads_official_and_train_py_checkpoints(tmp_path):
     ema = {k: v + 1 for k, v in sd.items()}
     torch.save({"model": sd, "ema": ema, "opt": {}, "args": argparse.Namespace(model="DiT-T/2")},
                tmp_path / "trainpy.pt")  # DiT's train.py layout, args pickled as a Namespace
-    assert all(torch.equal(sample.read_weights(str(tmp_path / "plain.pt"), "ema")[k], sd[k]) for k in sd)
-    assert all(torch.equal(sample.read_weights(str(tmp_path / "trainpy.pt"), "ema")[k], ema[k]) for k in sd)
-    assert all(torch.equal(sample.read_weights(str(tmp_path / "trainpy.pt"), "model")[k], sd[k]) for k in sd)
+    assert all(torch.equal(sample.read_checkpoint(str(tmp_path / "plain.pt"), "ema")[0][k], sd[k]) for k in sd)
+    assert all(torch.equal(sample.read_checkpoint(str(tmp_path / "trainpy.pt"), "ema")[0][k], ema[k]) for k in sd)
+    assert all(torch.equal(sample.read_checkpoint(str(tmp_path / "trainpy.pt"), "model")[0][k], sd[k]) for k in sd)

@@ -15,6 +15,11 @@ import sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def setup(family, args, vae, device):
+    """A family's setup on the checkpoint args.ckpt names, read as sample.main reads it."""
+    return family(args, vae, device, *sample.read_checkpoint(args.ckpt, args.weights))
+
+
 def sample_args(**kw):
     """sample.py's options with everything a family may default left unset."""
     base = dict(ckpt=None, weights="ema", vae=None, image_size=64, num_classes=10, cfg_scale=None,
@@ -38,11 +43,11 @@ def test_sit_and_repa_are_told_apart_and_get_their_papers_defaults(tmp_path, tin
     torch.save(repa.state_dict(), tmp_path / "repa.pt")
 
     a = sample_args(ckpt=str(tmp_path / "sit.pt"))
-    sample.setup_sit(a, tiny_vae, torch.device("cpu"))
+    setup(sample.setup_sit, a, tiny_vae, torch.device("cpu"))
     assert (a.mode, a.sampler, a.cfg_scale) == ("ode", "dopri5", 1.5)  # SiT: dopri5 ODE, cfg 1.5 (REFERENCE 8)
 
     b = sample_args(ckpt=str(tmp_path / "repa.pt"))
-    sample.setup_sit(b, tiny_vae, torch.device("cpu"))
+    setup(sample.setup_sit, b, tiny_vae, torch.device("cpu"))
     # REPA: Euler-Maruyama SDE over 250 steps, cfg 1.8 inside the guidance interval t <= 0.7 (REFERENCE 9).
     assert (b.mode, b.num_sampling_steps, b.cfg_scale, b.guidance_high) == ("sde", 250, 1.8, 0.7)
 
@@ -55,7 +60,7 @@ def test_sit_generate_is_the_transport_sample_decoded(tmp_path, tiny_vae):
         p.data.add_(0.02 * torch.randn_like(p))
     torch.save(repa.state_dict(), tmp_path / "repa.pt")
     args = sample_args(ckpt=str(tmp_path / "repa.pt"), num_sampling_steps=6, cfg_scale=2.0)
-    generate = sample.setup_sit(args, tiny_vae, torch.device("cpu"))
+    generate = setup(sample.setup_sit, args, tiny_vae, torch.device("cpu"))
     labels = torch.tensor([3, 7])
     images = generate(labels, torch.Generator().manual_seed(5))
 
@@ -72,7 +77,7 @@ def test_mismatched_autoencoder_is_named(tmp_path, tiny_vae):
     sit = models.SiT_models["SiT-T/2"](input_size=16, num_classes=10)  # trained for 128 px latents
     torch.save(sit.state_dict(), tmp_path / "sit.pt")
     with pytest.raises(ValueError, match="pass the autoencoder"):
-        sample.setup_sit(sample_args(ckpt=str(tmp_path / "sit.pt")), tiny_vae, torch.device("cpu"))
+        setup(sample.setup_sit, sample_args(ckpt=str(tmp_path / "sit.pt")), tiny_vae, torch.device("cpu"))
 
 
 def test_maskgit_defaults_and_cfg_mapping(tmp_path, monkeypatch):
@@ -88,7 +93,7 @@ def test_maskgit_defaults_and_cfg_mapping(tmp_path, monkeypatch):
         return torch.zeros(len(y), 8, 8, dtype=torch.long)
     monkeypatch.setattr(models, "maskgit_sample", spy)
     args = sample_args(ckpt=str(tmp_path / "mg.pt"))
-    generate = sample.setup_maskgit(args, vq, torch.device("cpu"))
+    generate = setup(sample.setup_maskgit, args, vq, torch.device("cpu"))
     images = generate(torch.tensor([0, 1]), torch.Generator())
     # Maskgit-pytorch's evaluation: 8 steps, guidance w = 3, i.e. (1 + w) c - w u = cfg scale 4.
     assert (args.sampler, args.num_sampling_steps, args.cfg_scale) == ("pytorch", 8, 4.0)
@@ -96,7 +101,7 @@ def test_maskgit_defaults_and_cfg_mapping(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(images, vq.decode_indices(torch.zeros(2, 8, 8, dtype=torch.long)))
     with pytest.raises(ValueError, match="VQ-GAN"):
-        sample.setup_maskgit(sample_args(ckpt=str(tmp_path / "mg.pt")), models.KLVAE_models["tiny"](),
+        setup(sample.setup_maskgit, sample_args(ckpt=str(tmp_path / "mg.pt")), models.KLVAE_models["tiny"](),
                              torch.device("cpu"))
 
 

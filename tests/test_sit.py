@@ -253,7 +253,7 @@ def test_sit_and_repa_layouts(fixture, kwargs):
         model = models.SiT_models["SiT-XL/2"](**kwargs)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref["shapes"]
     assert model.learn_sigma == (not kwargs)  # REPA: 4 output channels
-    assert len(models.SiT_models) == 13
+    assert len(models.SiT_models) == 18
     with pytest.raises(ValueError, match="SiT-XL/2"):
         models.build(models.SiT_models, "SiT-M/2")
 

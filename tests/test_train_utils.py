@@ -109,7 +109,7 @@ def test_prune_and_resume_resolution(tmp_path):
 def test_load_checkpoint_errors(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="Could not read"):
+    with pytest.raises(ValueError, match="Could not read checkpoint .*bad.pt"):  # a user error: one line
         tu.load_checkpoint(str(bad))
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
