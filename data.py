@@ -190,19 +190,58 @@ class ImageTransform:
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
 
+def _is_dir(entry):
+    """entry.is_dir() following symlinks; None (with a warning) for one that cannot be followed (ELOOP)."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError as e:
+        warnings.warn(f"ImageFolder: skipping {entry.path} ({e.strerror or e})")
+        return None
+
+
 def _scan_images(folder):
-    """Sorted paths of all image files under folder (recursive, follows symlinks, skips hidden entries)."""
-    found, stack = [], [folder]
+    """Sorted paths of all image files under folder (recursive, follows symlinks, skips hidden entries). A folder
+    reached twice through symlinks (a loop) is scanned once; an entry that cannot be followed is skipped, warned."""
+    found, stack, seen = [], [folder], set()
     while stack:
-        with os.scandir(stack.pop()) as it:
+        current = stack.pop()
+        try:
+            key = os.stat(current).st_ino, os.stat(current).st_dev
+        except OSError as e:
+            warnings.warn(f"ImageFolder: skipping {current} ({e.strerror or e}: a broken or looping symlink?)")
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        with os.scandir(current) as it:
             for entry in it:
                 if entry.name.startswith("."):   # .DS_Store, macOS "._x.jpg" resource forks, .git, ...
                     continue
-                if entry.is_dir(follow_symlinks=True):
+                is_dir = _is_dir(entry)
+                if is_dir is None:
+                    continue
+                if is_dir:
                     stack.append(entry.path)
                 elif entry.name.lower().endswith(IMG_EXTENSIONS):
                     found.append(entry.path)
     return sorted(found)
+
+
+def to_rgb8(img):
+    """A decoded 8-bit RGB copy of any PIL image. 16-bit and 32-bit grayscale (modes I;16*, I: 16-bit PNGs, TIFFs)
+    are scaled to 8 bits, value * 255 / 65535, where PIL's convert("RGB") would clip every value above 255 (almost
+    all pixels of a 16-bit photo saturate); float images (mode F) are taken as [0, 1]. convert() forces the full
+    decode, so a truncated file fails here."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            a = a * 255.0 if a.max() <= 1.0 else a
+        elif img.mode.startswith("I;16") or a.max() > 255:  # PIL opens a 16-bit PNG as I;16 or I
+            a = a * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning; alpha dropped below
+    return img.convert("RGB")
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -218,7 +257,7 @@ class ImageFolder(torch.utils.data.Dataset):
         # Scan without opening any image (file names only), so a million-image folder lists in seconds.
         with os.scandir(root) as it:
             top = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        subdirs = [e for e in top if e.is_dir(follow_symlinks=True)]
+        subdirs = [e for e in top if _is_dir(e)]
         if subdirs:
             self.classes = [e.name for e in subdirs]
             self.samples = []
@@ -227,7 +266,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 paths = _scan_images(d.path)
                 empty += [] if paths else [d.name]
                 self.samples += [(p, label) for p in paths]
-            loose = [e.name for e in top if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
+            loose = [e.name for e in top if _is_dir(e) is False and e.name.lower().endswith(IMG_EXTENSIONS)]
             if loose:
                 warnings.warn(f"ImageFolder: ignoring {len(loose)} image(s) directly in {root} (e.g. {loose[0]}): "
                               f"with class subfolders present, only images inside them are used")
@@ -253,10 +292,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def load(self, index):
         """RGB PIL image of sample index (raises on an unreadable file)."""
         with open(self.samples[index][0], "rb") as f:
-            img = Image.open(f)
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")   # avoids PIL's palette-transparency warning; alpha dropped below
-            return img.convert("RGB")       # convert() forces the full decode, so truncated files fail here
+            return to_rgb8(Image.open(f))
 
     def __getitem__(self, index):
         n = len(self.samples)

@@ -266,6 +266,9 @@ class NpzImages:
     """The arr_0 array of an ADM .npz, read in slices."""
     def __init__(self, path):
         self.path = path
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not an .npz archive (a truncated or foreign file?); expected an ADM .npz with "
+                             f"arr_0 (uint8 N x H x W x 3)")
         with zipfile.ZipFile(path) as zf:
             if "arr_0.npy" not in zf.namelist():
                 raise KeyError(f"{path} holds no images: no arr_0 (keys: {[n[:-4] for n in zf.namelist()]})")
@@ -1013,7 +1016,8 @@ def main(argv=None):
                            help="tiny: 256 synthetic 64 px images, no loader workers (options you type still win)")
             p.set_defaults(needs_data=vae is True)
             p.add_argument("--resolution", type=int, default=256)
-            p.add_argument("--num-images", type=int, default=None, help="default: the whole dataset (paper: 50K)")
+            p.add_argument("--num-images", type=train_utils.positive_int, default=None,
+                           help="default: the whole dataset (paper: 50K)")
             p.add_argument("--num-workers", type=int, default=4)
             p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
 
@@ -1076,6 +1080,8 @@ def main(argv=None):
     if getattr(args, "needs_data", False) and args.data is None:
         parser.error(f"{args.metric}: --data is required (an image folder, or 'synthetic'; or use --preset tiny)")
     dist = train_utils.setup_distributed()
+    if getattr(args, "precision", None) is not None:
+        args.precision = train_utils.resolve_precision(args.precision, dist.device)  # fp16 needs CUDA, as in training
     # Metrics in full fp32: setup_distributed enables TF32, which moves Inception features by ~1e-3.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -1086,4 +1092,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    train_utils.run_main(main, None)  # user errors (a missing file, a bad option) end with one line

@@ -253,13 +253,12 @@ def save_preview(vae, x, path, interp="bilinear"):
 #                                  Training Loop                                #
 #################################################################################
 
-RESUME_KEYS = ("model", "resolution", "global_batch_size", "grad_accum")  # a different value breaks exact resume
+# The options a resumed run must share with its checkpoint (another value would break exact resume):
+RESUME_KEYS = ["model", "init", "config", "resolution", "global_batch_size", "grad_accum"]
 
 
 def run_name(args):
-    """The run folder: --exp-name, else eqvae-<init name> / eqvae-<config> (stable, so --resume auto finds it)."""
-    if args.exp_name:
-        return args.exp_name
+    """The run's name: eqvae-<init name> / eqvae-<config> (its folder: results/NNN-eqvae-..., or --exp-name)."""
     if args.init.lower() != "none":
         return "eqvae-" + os.path.splitext(os.path.basename(os.path.normpath(args.init)))[0]
     return "eqvae-" + (args.config if args.config and not args.config.lstrip().startswith("{") else f"{args.model}-custom")
@@ -358,7 +357,7 @@ def main(args):
     precision = tu.resolve_precision(args.precision, device)
 
     # Setup an experiment folder:
-    exp = tu.setup_experiment(args.results_dir, run_name(args), args.resume, dist, precision)
+    exp = tu.setup_experiment(args.results_dir, run_name(args), args.resume, dist, precision, args, RESUME_KEYS)
     logger = exp.logger
 
     # Setup data (first: a wrong --data fails before any weights load):
@@ -375,6 +374,7 @@ def main(args):
     torch.manual_seed(args.global_seed)
     vae = build_autoencoder(args, logger.info).to(device)
     is_vq = isinstance(vae, models.VQGAN)
+    tu.check_resolution(args.resolution, vae, flag="--resolution")
     if args.disc_weight is None:
         args.disc_weight = 0.8 if is_vq else 0.5  # taming's VQ-GAN config / the EQ-VAE (LDM) config
     disc, lpips = build_loss_networks(args, device)
@@ -394,7 +394,7 @@ def main(args):
 
     # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG), then seed each
     # rank for the loop (DiT's per-rank seeds; tau stays shared, see tau_rng):
-    step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=vae.config, what="autoencoder",
+    step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=vae.config, what="autoencoder", lr=lr,
                                     required=("model", "disc", "opt", "opt_disc", "step", "config", "args"),
                                     model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc, scaler=scaler)
     skipped = 0  # fp16 steps that GradScaler dropped, counted over the whole run

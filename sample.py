@@ -55,11 +55,12 @@ def read_checkpoint(path, which):
         raise ValueError(f"--ckpt {path} holds a {type(ckpt).__name__}, not a state dict or a checkpoint")
     if isinstance(ckpt.get("model_state_dict"), dict):  # Maskgit-pytorch's release
         return ckpt["model_state_dict"], {}
-    if not isinstance(ckpt.get("model"), dict):
+    if not isinstance(ckpt.get("model"), dict) and not isinstance(ckpt.get("ema"), dict):
         return ckpt, {}  # official release: the state dict itself
     if not isinstance(ckpt.get(which), dict):
-        raise KeyError(f"{path} has no {which!r} weights (keys: {sorted(ckpt)})")
+        raise KeyError(f"{path} has no {which!r} weights (keys: {sorted(ckpt)}; an ema/ export holds only --weights ema)")
     recorded = {k: ckpt[k] for k in ("vae", "vae_norm", "vqgan", "config") if ckpt.get(k) is not None}
+    recorded["step"] = ckpt.get("step")
     if isinstance(ckpt.get("args"), dict):
         recorded["args"] = ckpt["args"]
         recorded["model"] = ckpt["args"].get("model")
@@ -262,9 +263,9 @@ def autoencoder_path(args, recorded):
     return os.path.join(exp_dir, found[0])
 
 
+@torch.no_grad()
 def main(args):
     """Samples args.num_samples images split across ranks; writes shards, then one .npz and a PNG grid."""
-    torch.set_grad_enabled(False)
     dist = tu.setup_distributed()
     device = dist.device
     args.precision = tu.resolve_precision(args.precision, device)
@@ -295,6 +296,7 @@ def main(args):
                         f"file says {vae.latent_norm()})")
         vae.config.update(recorded["vae_norm"])
     logger.info(f"Autoencoder: {vae_path}")
+    tu.check_resolution(args.image_size, vae)
     generate = setup(args, vae, device, state_dict, recorded)
     del state_dict
 
@@ -345,8 +347,9 @@ def main(args):
     return out_dir
 
 
-if __name__ == "__main__":
-    # Defaults: DiT's FID-50K protocol (sample_ddp.py): 250 ancestral steps, cfg 1.5, 50,000 samples.
+def get_args(argv=None):
+    """Command-line options; the defaults are DiT's FID-50K protocol (sample_ddp.py): 250 ancestral steps, cfg 1.5,
+    50,000 samples; unset sampling options take each family's published settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", type=str, choices=sorted(PRESETS), default=None)
     parser.add_argument("--model", type=str, default=None, help="DiT-XL/2, SiT-XL/2, maskgit-256, ... (default: "
@@ -359,8 +362,8 @@ if __name__ == "__main__":
     tu.add_latent_norm_args(parser)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-samples", type=tu.positive_int, default=50_000, help="images to draw (FID: 50K)")
+    parser.add_argument("--per-proc-batch-size", type=tu.positive_int, default=32, help="images per GPU and batch")
     parser.add_argument("--class-labels", type=str, default=None, help="e.g. 207,360,387 (cycled); default uniform")
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="1.0 disables classifier-free guidance (default: DiT 1.5, SiT 1.5, REPA 1.8, MaskGIT 4)")
@@ -382,4 +385,8 @@ if __name__ == "__main__":
                         help="autocast for the model (the reference samples in fp32/TF32)")
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--grid-size", type=int, default=64, help="images in the PNG grid")
-    tu.run_main(main, tu.apply_preset(parser.parse_args(), parser, PRESETS))
+    return tu.apply_preset(parser.parse_args(argv), parser, PRESETS, argv)
+
+
+if __name__ == "__main__":
+    tu.run_main(main, get_args())

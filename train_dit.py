@@ -44,15 +44,16 @@ def main(args):
     if args.model not in models.DiT_models:
         raise ValueError(f"unknown --model {args.model!r}; valid: {', '.join(models.DiT_models)}")
 
-    # Setup an experiment folder (a fixed name, so that --resume auto finds it again):
-    exp = tu.setup_experiment(args.results_dir, args.exp_name or args.model.replace("/", "-"), args.resume, dist,
-                              precision)
+    # Setup an experiment folder (results/NNN-DiT-XL-2; --resume auto finds the newest run of these settings):
+    exp = tu.setup_experiment(args.results_dir, args.model.replace("/", "-"), args.resume, dist, precision, args,
+                              RESUME_KEYS)
     logger = exp.logger
 
     # Autoencoder (frozen) and the latent shape it gives at this resolution:
     vae, vae_path = tu.load_frozen_autoencoder(args.vae, "kl", exp, device, scaling_factor=args.scaling_factor,
                                                shift_factor=args.shift_factor)
     autoencoder = dict(vae=vae_path, vae_norm=vae.latent_norm())  # recorded in checkpoints: sample.py decodes with it
+    tu.check_resolution(args.image_size, vae, models.DiT_models[args.model].keywords["patch_size"])
     latent_shape = vae.latent_shape(args.image_size)
     logger.info(f"Latents: {latent_shape} at {args.image_size} px, normalised as {vae.latent_norm()}")
 
@@ -81,7 +82,8 @@ def main(args):
                 f"batch {batch_size} per rank")
 
     # Resume (weights, optimiser, data position, every rank's RNG), so a resumed run continues exactly; seed ranks:
-    train_steps, _ = tu.resume_training(exp, args, RESUME_KEYS, loader, model=model, ema=ema, opt=opt, scaler=scaler)
+    train_steps, _ = tu.resume_training(exp, args, RESUME_KEYS, loader, lr=args.lr, model=model, ema=ema, opt=opt,
+                                        scaler=scaler)
 
     model = tu.distributed(model, device).train()  # important: .train() enables label dropout for CFG
 
@@ -123,7 +125,7 @@ def main(args):
 def get_args(argv=None):
     """Command-line options; defaults train DiT-XL/2 with the DiT paper's hyperparameters (EQ-VAE reports 400K steps)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_run_args(parser, PRESETS, seed=0, log_every=100, ckpt_every=50_000, keep_last=0)
+    tu.add_run_args(parser, PRESETS, seed=0, log_every=100, ckpt_every=50_000, keep_last=2)  # + ema/ exports
     tu.add_latent_args(parser, "DiT", models.DiT_models, "DiT-XL/2")
     args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS, argv)
     if args.data is None or args.vae is None:

@@ -58,7 +58,7 @@ def main(args):
     precision = tu.resolve_precision(args.precision, device)
 
     # Setup an experiment folder:
-    exp = tu.setup_experiment(args.results_dir, args.exp_name or args.model, args.resume, dist, precision)
+    exp = tu.setup_experiment(args.results_dir, args.model, args.resume, dist, precision, args, RESUME_KEYS)
     logger = exp.logger
 
     # Tokenise the dataset once (image + mirror), or reuse the cache. The frozen tokeniser: --vqgan PATH, or for
@@ -67,6 +67,7 @@ def main(args):
         raise SystemExit("--vqgan is required: a VQ-GAN checkpoint (taming / MaskGIT-pytorch last.ckpt, or one from "
                          "finetune_eqvae.py --model vq); or use --preset tiny")
     vq, vq_name = tu.load_frozen_autoencoder(args.vqgan or "tiny", "vq", exp, device, seed=args.global_seed)
+    tu.check_resolution(args.resolution, vq, flag="--resolution")
     dataset = data.build_dataset(args.data, args.resolution, "center", num_images=args.num_images)
     cache_dir = args.cache or os.path.join(
         args.results_dir, "token-cache", f"{os.path.basename(os.path.normpath(args.data))}-{args.resolution}px-"

@@ -82,15 +82,16 @@ def main(args):
         raise ValueError(f"unknown --model {args.model!r}; valid: {', '.join(models.SiT_models)}")
     max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else (1.0 if args.repa else 0.0)
 
-    # Setup an experiment folder (a fixed name, so that --resume auto finds it again):
-    exp_name = args.exp_name or args.model.replace("/", "-") + ("-REPA" if args.repa else "")
-    exp = tu.setup_experiment(args.results_dir, exp_name, args.resume, dist, precision)
+    # Setup an experiment folder (results/NNN-SiT-XL-2; --resume auto finds the newest run of these settings):
+    exp = tu.setup_experiment(args.results_dir, args.model.replace("/", "-") + ("-REPA" if args.repa else ""),
+                              args.resume, dist, precision, args, RESUME_KEYS)
     logger = exp.logger
 
     # Autoencoder (frozen) and the latent shape it gives at this resolution:
     vae, vae_path = tu.load_frozen_autoencoder(args.vae, "kl", exp, device, scaling_factor=args.scaling_factor,
                                                shift_factor=args.shift_factor)
     autoencoder = dict(vae=vae_path, vae_norm=vae.latent_norm())  # recorded in checkpoints: sample.py decodes with it
+    tu.check_resolution(args.image_size, vae, models.SiT_models[args.model].keywords["patch_size"])
     latent_shape = vae.latent_shape(args.image_size)
     logger.info(f"Latents: {latent_shape} at {args.image_size} px, normalised as {vae.latent_norm()}")
 
@@ -132,7 +133,8 @@ def main(args):
                 f"batch {batch_size} per rank")
 
     # Resume (weights, optimiser, data position, every rank's RNG), so a resumed run continues exactly; seed ranks:
-    train_steps, _ = tu.resume_training(exp, args, RESUME_KEYS, loader, model=model, ema=ema, opt=opt, scaler=scaler)
+    train_steps, _ = tu.resume_training(exp, args, RESUME_KEYS, loader, lr=args.lr, model=model, ema=ema, opt=opt,
+                                        scaler=scaler)
 
     model = tu.distributed(model, device).train()  # important: .train() enables label dropout for CFG
 
@@ -193,7 +195,7 @@ def get_args(argv=None):
     """Command-line options; defaults train SiT-XL/2 with the SiT paper's hyperparameters (EQ-VAE reports 400K steps);
     --repa adds REPA's alignment with its defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_run_args(parser, PRESETS, seed=0, log_every=100, ckpt_every=50_000, keep_last=0)
+    tu.add_run_args(parser, PRESETS, seed=0, log_every=100, ckpt_every=50_000, keep_last=2)  # + ema/ exports
     tu.add_latent_args(parser, "SiT", models.SiT_models, "SiT-XL/2")
     g = parser.add_argument_group("SiT")
     g.add_argument("--max-grad-norm", type=float, default=None,

@@ -4,6 +4,7 @@ atomic checkpoints and exact resume (RNG states, data position), EMA, and a data
 and restarted mid-epoch. The method lives in the stage scripts; this file only keeps them short.
 """
 import argparse
+import atexit
 import copy
 import glob
 import json
@@ -12,6 +13,8 @@ import os
 import random
 import sys
 import time
+import warnings
+import zipfile
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -65,6 +68,15 @@ def is_distributed():
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    """Send a picklable object from rank `src` to every rank (identity in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_mean(tensor):
@@ -125,22 +137,22 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def truncate_after(self, step):
-        """On resume, drop rows written after the checkpoint's step so the curve has no duplicates."""
+        """On resume, drop rows written after the checkpoint's step so the curve has no duplicates, and a partial
+        line (a run killed mid-write, a full disk) with a warning rather than failing every later resume."""
         if not self.path or not os.path.exists(self.path):
             return
+        rows, bad = [], 0
         with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(rows)
-
-
-def experiment_dir(results_dir, name):
-    """`results_dir/name` with a checkpoints/ subfolder, created on rank 0 (others wait)."""
-    path = os.path.join(results_dir, name)
-    if _rank() == 0:
-        os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
-    barrier()
-    return path
+            for line in f:
+                try:
+                    if line.strip() and json.loads(line).get("step", 0) <= step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    bad += 1
+        if bad:
+            warnings.warn(f"{self.path}: dropped {bad} line(s) that are not complete JSON (a run killed while "
+                          f"writing, or a full disk)")
+        checkpoints.atomic_write(self.path, lambda tmp: open(tmp, "w").writelines(rows))
 
 
 def apply_preset(args, parser, presets, argv=None):
@@ -240,23 +252,114 @@ def add_latent_norm_args(parser):
     return parser
 
 
-def setup_experiment(results_dir, name, resume, dist, precision):
+def run_folder(results_dir, name, exp_name, resume, args=None, keys=()):
     """
-    Every trainer's preamble: the run folder results_dir/name (with checkpoints/), the checkpoint to resume from
-    (--resume auto|PATH), rank 0's logger (stdout + log.txt) and the metrics log. Starting afresh in a folder that
-    already holds checkpoints is refused, so a run is never overwritten by accident.
+    The run folder, DiT's way: results_dir/NNN-name, a new index for every fresh run, so runs never collide;
+    --exp-name X: exactly results_dir/X. --resume auto continues the newest NNN-name run that has checkpoints and
+    was made with the same values of the options in `keys` (its args.json); --resume PATH, the run that holds it.
+    """
+    if exp_name:
+        return os.path.join(results_dir, exp_name)
+    runs = sorted(glob.glob(os.path.join(glob.escape(results_dir), f"[0-9][0-9][0-9]-{glob.escape(name)}")))
+    if resume and resume != "auto" and os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(resume)))):
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(resume)))  # .../NNN-name/checkpoints/step.pt
+        if os.path.isdir(os.path.join(folder, "checkpoints")):
+            return folder
+    if resume == "auto":
+        for run in reversed(runs):
+            try:
+                with open(os.path.join(run, "args.json")) as f:
+                    saved = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if list_checkpoints(os.path.join(run, "checkpoints")) and all(
+                    saved.get(k) == getattr(args, k, None) for k in keys):
+                return run
+    existing = [int(os.path.basename(p)[:3]) for p in glob.glob(os.path.join(glob.escape(results_dir), "[0-9]" * 3 + "-*"))]
+    return os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{name}")
+
+
+_LOCKS = {}  # run folder -> its open lock file: this process's locks (a lock lives as long as its file is open)
+
+
+def _lock_run_folder(exp_dir):
+    """Hold exp_dir/.lock for the life of this process: two runs writing one folder would interleave their logs and
+    checkpoints. A held lock names its holder; a lock whose process died is free (the OS released it). Runs one
+    after the other in one process (tests, notebooks) share the lock."""
+    import fcntl
+    import socket
+    if os.path.abspath(exp_dir) in _LOCKS:
+        return
+    f = open(os.path.join(exp_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FileExistsError(f"{exp_dir} is in use by {holder}: wait for that run to end (or stop it), or choose "
+                              f"another --exp-name / --results-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS[os.path.abspath(exp_dir)] = f
+    atexit.register(f.close)
+
+
+def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys=()):
+    """
+    Every trainer's preamble: the run folder (run_folder: results_dir/NNN-name, or --exp-name), locked for this
+    run; the checkpoint to resume from (--resume auto|PATH); rank 0's logger (stdout + log.txt), the metrics log and
+    args.json. Starting afresh in a folder that already holds checkpoints is refused, so a run is never overwritten;
+    leftovers of a save that was killed are removed; resuming an older checkpoint than the newest moves the newer
+    ones (an abandoned branch) to checkpoints/abandoned-<time>/, so the resumed run's pruning never deletes its own.
     Returns a namespace: dir, ckpt_dir, resume (a path or None), logger, metrics.
     """
-    exp_dir = experiment_dir(results_dir, name)
+    exp_dir = run_folder(results_dir, name, getattr(args, "exp_name", None), resume, args, keys) if args else \
+        os.path.join(results_dir, name)
+    exp_dir = broadcast_object(exp_dir)  # rank 0's choice (the indices it saw), on every rank
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    fresh = not os.path.isdir(exp_dir)
     resume_path = resolve_resume(resume, ckpt_dir)
     if resume_path is None and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or "
                               f"choose another --exp-name / --results-dir (nothing was overwritten).")
+    if _rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        _lock_run_folder(exp_dir)
+        for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), "*.tmp.*")):
+            os.remove(tmp)  # a save killed mid-write (its target is intact: the rename never happened)
+        if resume_path is not None:
+            step = _step_of(resume_path)
+            newer = [p for p in list_checkpoints(ckpt_dir) if step is not None and _step_of(p) > step]
+            if newer:
+                away = os.path.join(ckpt_dir, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.makedirs(away)
+                for p in newer:
+                    os.replace(p, os.path.join(away, os.path.basename(p)))
+        if args is not None:
+            checkpoints.atomic_write(os.path.join(exp_dir, "args.json"),
+                                     lambda tmp: open(tmp, "w").write(json.dumps(vars(args), indent=2, default=str)))
+    barrier()
     logger = create_logger(exp_dir)
     logger.info(f"Experiment directory: {exp_dir} (world_size={dist.world_size}, {dist.device}, {precision})")
-    return SimpleNamespace(dir=exp_dir, ckpt_dir=ckpt_dir, resume=resume_path, logger=logger,
-                           metrics=MetricsLog(os.path.join(exp_dir, "metrics.jsonl")))
+    if resume_path is not None and _rank() == 0 and glob.glob(os.path.join(glob.escape(ckpt_dir), "abandoned-*")):
+        logger.info(f"Checkpoints newer than {resume_path} (an abandoned branch) are kept in "
+                    f"{sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), 'abandoned-*')))[-1]}")
+    exp = SimpleNamespace(dir=exp_dir, ckpt_dir=ckpt_dir, resume=resume_path, logger=logger, fresh=fresh,
+                          metrics=MetricsLog(os.path.join(exp_dir, "metrics.jsonl")))
+    return exp
+
+
+def check_resolution(resolution, autoencoder, patch=1, flag="--image-size"):
+    """The image side must be a multiple of the autoencoder's downsampling (and the latent side of a patch size),
+    or the latents would not tile the image: an error naming the nearest valid sides."""
+    step = autoencoder.downsampling * patch
+    if resolution < step or resolution % step:
+        lo, hi = max(step, resolution // step * step), (resolution // step + 1) * step
+        raise ValueError(f"{flag} {resolution} is not a multiple of {step} (the autoencoder's downsampling "
+                         f"{autoencoder.downsampling}{f' x patch {patch}' if patch > 1 else ''}): use {lo} or {hi}")
 
 
 def per_rank_batch(global_batch_size, world_size):
@@ -268,7 +371,7 @@ def per_rank_batch(global_batch_size, world_size):
 
 
 def resume_training(exp, args, keys, loader=None, required=("model", "opt", "args", "step"), config=None,
-                    what="model", **objects):
+                    what="model", lr=None, **objects):
     """
     Continue the run at exp.resume in place, then seed the training loop. The checkpoint must have been made with
     the same values of the options in `keys` (and the same model `config`, when given); every object passed (model,
@@ -290,6 +393,15 @@ def resume_training(exp, args, keys, loader=None, required=("model", "opt", "arg
         step = restore_training_state(ckpt, loader, **objects)
         exp.metrics.truncate_after(step)
         exp.logger.info(f"Resumed from {exp.resume} at step {step}")
+        if lr is not None:  # an optimiser's state dict carries its learning rate: the one asked for now wins
+            for name, opt in objects.items():
+                if isinstance(opt, torch.optim.Optimizer):
+                    old = {g["lr"] for g in opt.param_groups}
+                    if old != {lr}:
+                        exp.logger.info(f"Learning rate of {name}: {', '.join(f'{v:.4g}' for v in sorted(old))} in "
+                                        f"the checkpoint, {lr:.4g} from now on (the value of this run's options)")
+                    for g in opt.param_groups:
+                        g["lr"] = lr
     seed_everything(args.global_seed, _rank(), dist.get_world_size() if is_distributed() else 1)
     if ckpt is not None:
         restore_rng_states(ckpt.get("rng"), exp.logger)
@@ -384,9 +496,14 @@ def check_finite(step, **losses):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() > 0:
         where = f"{', '.join(bad)} on rank {_rank()}" if bad else f"another rank (this is rank {_rank()})"
-        raise NonFiniteLossError(
-            f"Non-finite loss at step {step}: {where}. Training stopped; the last checkpoint is untouched. "
-            "Try a lower learning rate, --precision fp32/bf16, or resume from the last checkpoint.")
+        last = "no checkpoint was saved by this run"
+        if _LAST_SAVED:
+            last = (f"the last checkpoint, {_LAST_SAVED['path']} (step {_LAST_SAVED['step']}), is untouched; its "
+                    f"largest weight is {_LAST_SAVED['max_abs']:.3g}")
+            if not _LAST_SAVED["max_abs"] < 1e4:  # diverged before the NaN: resuming it would fail again
+                last += " (diverged already: resume from an older checkpoint)"
+        raise NonFiniteLossError(f"Non-finite loss at step {step}: {where}. Training stopped; {last}. Try a lower "
+                                 f"learning rate or --precision fp32 / bf16.")
 
 
 # What a user can cause (a missing or wrong file, a bad option value, a run folder in use, a NaN loss): the entry
@@ -419,25 +536,23 @@ def run_main(main, args):
 
 def save_checkpoint(state, path):
     """
-    Write atomically on rank 0: save to a temporary file in the same folder, then rename. A run killed mid-write
-    leaves the previous checkpoint intact (os.replace is atomic on POSIX).
+    Write atomically on rank 0 (checkpoints.atomic_write): a temporary file, fsync, rename. A run killed mid-write
+    leaves the previous checkpoint intact; a full disk is an error saying so, naming the file.
     """
-    if _rank() != 0:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if _rank() == 0:
+        checkpoints.atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _step_of(path):
+    """The step of a checkpoint named <step>.pt, else None."""
+    stem = os.path.basename(path)[:-3] if path.endswith(".pt") else ""
+    return int(stem) if stem.isdigit() else None
 
 
 def list_checkpoints(ckpt_dir):
     """Checkpoints named <step>.pt, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(ckpt_dir, "*.pt")) if os.path.basename(p)[:-3].isdigit()]
-    return sorted(paths, key=lambda p: int(os.path.basename(p)[:-3]))
+    paths = [p for p in glob.glob(os.path.join(glob.escape(ckpt_dir), "*.pt")) if _step_of(p) is not None]
+    return sorted(paths, key=_step_of)
 
 
 def prune_checkpoints(ckpt_dir, keep):
@@ -448,13 +563,31 @@ def prune_checkpoints(ckpt_dir, keep):
         os.remove(p)
 
 
+def _readable(path):
+    """Whether a checkpoint file is a whole torch zip archive (a truncated one has no central directory)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def resolve_resume(resume, ckpt_dir):
-    """'auto' -> the newest checkpoint in ckpt_dir (or None for a fresh start); a path must exist."""
+    """'auto' -> the newest readable checkpoint in ckpt_dir (a corrupt newer one is skipped with a warning naming
+    both), or None for a fresh start; a path must exist."""
     if not resume:
         return None
     if resume == "auto":
         found = list_checkpoints(ckpt_dir)
-        return found[-1] if found else None
+        for i in range(len(found) - 1, -1, -1):
+            if _readable(found[i]):
+                if i < len(found) - 1:
+                    warnings.warn(f"--resume auto: {', '.join(found[i + 1:])} cannot be read (truncated or corrupt); "
+                                  f"resuming from the older {found[i]}")
+                return found[i]
+        if found:
+            raise ValueError(f"--resume auto: no checkpoint in {ckpt_dir} can be read ({', '.join(found)})")
+        return None
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file (use --resume auto to pick the newest "
                                 f"in {ckpt_dir}, or omit --resume to start fresh)")
@@ -478,6 +611,9 @@ def load_checkpoint(path, required=("model",)):
     return ckpt
 
 
+_LAST_SAVED = {}  # the newest checkpoint this process wrote: its path, step and largest weight (for the NaN message)
+
+
 def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
     """
     <ckpt_dir>/<step>.pt with `state` (state dicts, args, ...) plus the step and every rank's RNG states, written
@@ -486,6 +622,10 @@ def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
     state = dict(state, step=step, rng=rng_states())
     path = os.path.join(ckpt_dir, f"{step:07d}.pt")
     save_checkpoint(state, path)
+    model = state.get("model") or {}
+    _LAST_SAVED.update(path=path, step=step, max_abs=max((float(v.detach().abs().max()) for v in model.values()
+                                                          if torch.is_tensor(v) and v.is_floating_point()
+                                                          and v.numel()), default=0.0))
     prune_checkpoints(ckpt_dir, keep)
     barrier()  # no rank runs ahead (and maybe dies) before the checkpoint is on disk
     if logger is not None:
@@ -494,11 +634,18 @@ def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
 
 
 def save_generator(exp, step, args, model, ema, opt, scaler, loader, **extra):
-    """A stage-2 trainer's checkpoint (DiT's train.py layout plus what exact resume needs): model, EMA, optimiser,
-    scaler, data position, args and `extra`; see save_training_checkpoint. Collective: every rank must call it."""
-    return save_training_checkpoint(exp.ckpt_dir, step, args.keep_last, exp.logger, model=unwrap(model).state_dict(),
-                                    ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
-                                    loader=loader.state_dict(), args=vars(args), **extra)
+    """
+    A stage-2 trainer's checkpoint (DiT's train.py layout plus what exact resume needs): model, EMA, optimiser,
+    scaler, data position, args and `extra`, of which --keep-last are kept (a DiT-XL/2 one is ~10.8 GB); and beside
+    it ema/<step>.pt, the EMA weights with what sampling needs (args, extra: ~2.7 GB for XL/2), kept for every
+    checkpoint: what sample.py and convergence curves read, and what DiT's own find_model opens. Collective.
+    """
+    path = save_training_checkpoint(exp.ckpt_dir, step, args.keep_last, exp.logger,
+                                    model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                    scaler=scaler.state_dict(), loader=loader.state_dict(), args=vars(args), **extra)
+    save_checkpoint(dict(ema=ema.state_dict(), args=vars(args), step=step, **extra),
+                    os.path.join(exp.dir, "ema", f"{step:07d}.pt"))
+    return path
 
 
 def restore_training_state(ckpt, loader=None, **objects):

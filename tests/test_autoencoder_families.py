@@ -213,7 +213,7 @@ def test_cfg_guides_every_channel_of_16_channel_latents():
 def test_dit_on_the_16_channel_tiny_autoencoder_trains_samples_decodes(tmp_path):
     """The SD3-style path at CPU size: 16 channels, no quant convs, a shift; the sampler takes the autoencoder
     and its normalisation from the checkpoint."""
-    run_script(["train_dit.py", "--preset", "tiny", "--vae", "tiny-16", "--scaling-factor", "0.8", "--shift-factor",
+    run_script(["train_dit.py", "--preset", "tiny", "--exp-name", "DiT-T-2", "--vae", "tiny-16", "--scaling-factor", "0.8", "--shift-factor",
                 "0.1", "--num-images", "32", "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "4",
                 "--results-dir", str(tmp_path)])
     ckpt = str(tmp_path / "DiT-T-2" / "checkpoints" / "0000004.pt")

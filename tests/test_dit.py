@@ -277,7 +277,7 @@ def test_latent_cache_round_trip(tmp_path):
 #                      Scripts: train (DDP, resume), sample                     #
 #################################################################################
 
-TINY = ["train_dit.py", "--preset", "tiny", "--num-images", "64", "--global-batch-size", "8"]
+TINY = ["train_dit.py", "--preset", "tiny", "--num-images", "64", "--global-batch-size", "8", "--exp-name", "DiT-T-2"]
 
 
 def test_train_loss_decreases_and_resume_is_exact(tmp_path):

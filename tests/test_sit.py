@@ -359,7 +359,7 @@ def test_dinov2_forward_and_preprocess():
 #################################################################################
 
 TINY = ["train_sit.py", "--preset", "tiny", "--repa", "--num-images", "32", "--global-batch-size", "8",
-        "--log-every", "2", "--ckpt-every", "2"]
+        "--log-every", "2", "--ckpt-every", "2", "--exp-name", "SiT-T-2-REPA"]
 
 
 def test_torchrun_two_processes_repa_with_latent_cache(tmp_path):
@@ -378,7 +378,7 @@ def test_torchrun_two_processes_repa_with_latent_cache(tmp_path):
 
 def test_plain_sit_run(tmp_path):
     out = run_script(["train_sit.py", "--preset", "tiny", "--num-images", "16", "--global-batch-size", "8",
-                      "--max-steps", "2", "--log-every", "1", "--results-dir", str(tmp_path)])
+                      "--max-steps", "2", "--log-every", "1", "--results-dir", str(tmp_path), "--exp-name", "SiT-T-2"])
     assert "random flip" in out.stdout and "sit clock" in out.stdout and "DINOv2" not in out.stdout
     ckpt = torch.load(tmp_path / "SiT-T-2" / "checkpoints" / "0000002.pt", weights_only=False)
     assert ckpt["ema"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 8  # learned-sigma head kept, as SiT
