@@ -7,6 +7,7 @@ torchvision's ToTensor followed by Normalize(0.5, 0.5)) and label an int. Random
 python / numpy / torch RNGs, exactly like the reference pipelines, so train_utils.ResumableLoader can seed them per
 sample and a resumed run sees the same crops.
 """
+import collections
 import colorsys
 import functools
 import hashlib
@@ -734,8 +735,15 @@ def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_na
 
 
 class EncodedCache(torch.utils.data.Dataset):
-    """A finished cache's shards, memory-mapped; subclasses turn an image's [image, mirror] entry into an item."""
+    """A finished cache's shards, read entry by entry at file offsets; subclasses turn an image's [image, mirror]
+    entry into an item."""
     what = "cache"
+    format = None     # the cache format a subclass reads (meta["format"])
+    # Shard files held open per process, least recently used closed first. A memory map per shard would hold a file
+    # descriptor each (Python's mmap keeps a dup of it): ImageNet's 1,282 shards then exceed the usual limit of 1,024
+    # descriptors ("Too many open files"). Shuffled reads rarely hit the same shard twice in a row, so most reads are
+    # open + pread + close, a few microseconds from the page cache; the few held open serve in-order reads.
+    max_open = 32
 
     def __init__(self, cache_dir, flip=True):
         meta_path = os.path.join(cache_dir, "meta.json")
@@ -743,6 +751,9 @@ class EncodedCache(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{cache_dir} is not a {self.what} (no meta.json)")
         with open(meta_path) as f:
             self.meta = json.load(f)
+        if self.format is not None and self.meta.get("format") != self.format:
+            raise ValueError(f"{self.what} {cache_dir} has format {self.meta.get('format')!r}; this code reads format "
+                             f"{self.format}. Rebuild it in another folder (or delete this one).")
         self.cache_dir, self.flip = cache_dir, flip
         self.shard_size = self.meta["shard_size"]
         num_shards = -(-self.meta["num_images"] // self.shard_size)
@@ -751,7 +762,8 @@ class EncodedCache(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.what} {cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
                                     f"missing (first: {missing[:3]}); rerun the same command to finish it")
         self.labels = np.concatenate([np.load(self._path("labels", k)) for k in range(num_shards)])
-        self._shards = {}  # memory maps, opened lazily (and per loader worker)
+        self._layout = {}                        # shard -> (entry shape, dtype, offset of entry 0), read once
+        self._files = collections.OrderedDict()  # shard -> open file descriptor, least recently used first
 
     def _path(self, kind, k):
         return os.path.join(self.cache_dir, f"{kind}_{k:05d}.npy")
@@ -759,12 +771,55 @@ class EncodedCache(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def __getstate__(self):
+        # Descriptors mean nothing in another process (DataLoader workers started by spawn): each opens its own.
+        return dict(self.__dict__, _files=collections.OrderedDict())
+
+    def close(self):
+        """Close the shard files this process holds open (reads reopen them)."""
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # interpreter shutdown: os may be gone already
+            pass
+
+    def _shard_layout(self, k):
+        """(entry shape, dtype, byte offset of entry 0) of shard k, from its .npy header (NumPy's format.py)."""
+        if k not in self._layout:
+            path = self._path("shard", k)
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"{path}: .npy format version {version} is not one np.save writes here")
+                shape, fortran_order, dtype = read_header(f)
+                if fortran_order or len(shape) < 2 or shape[1] != 2:
+                    raise ValueError(f"{path}: expected a C-order (n, 2, ...) array, found shape {shape}")
+                self._layout[k] = (tuple(shape[2:]), dtype, f.tell())
+        return self._layout[k]
+
+    def _fd(self, k):
+        fd = self._files.pop(k, None)
+        if fd is None:
+            while len(self._files) >= self.max_open:
+                os.close(self._files.popitem(last=False)[1])
+            fd = os.open(self._path("shard", k), os.O_RDONLY)
+        self._files[k] = fd   # now the most recently used
+        return fd
+
     def _entry(self, index, side):
-        """Item `index`'s stored entry for side 0 (image) or 1 (mirror), copied out of its shard's memory map."""
+        """Item `index`'s stored entry for side 0 (image) or 1 (mirror), in the dtype it was stored in."""
         k, j = divmod(index, self.shard_size)
-        if k not in self._shards:
-            self._shards[k] = np.load(self._path("shard", k), mmap_mode="r")
-        return np.array(self._shards[k][j, side])
+        shape, dtype, offset = self._shard_layout(k)
+        size = dtype.itemsize * math.prod(shape)
+        data = os.pread(self._fd(k), size, offset + (2 * j + side) * size)   # entries are rows of a C-order array
+        if len(data) != size:
+            raise OSError(f"{self._path('shard', k)} is truncated: entry {j} side {side} is past its end")
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()   # a writable copy (torch.from_numpy)
 
     def _random_side(self):
         """DiT's random flip (p = 0.5) from the global torch RNG, which ResumableLoader seeds per sample and epoch."""
@@ -777,7 +832,7 @@ class LatentCache(EncodedCache):
     flip (if flip) and z = mean + std * eps, a fresh posterior sample at every read; mode "mean" returns the posterior
     mean of the unflipped image.
     """
-    what = "latent cache"
+    what, format = "latent cache", LATENT_CACHE_FORMAT
 
     def __init__(self, cache_dir, mode="sample", flip=True):
         if mode not in ("sample", "mean"):
@@ -795,7 +850,7 @@ class LatentCache(EncodedCache):
 
 class TokenCache(EncodedCache):
     """A finished token cache as a dataset: item = (tokens (h, w) long, label), the mirror's on a random flip."""
-    what = "token cache"
+    what, format = "token cache", TOKEN_CACHE_FORMAT
 
     def __getitem__(self, index):
         tokens = torch.from_numpy(self._entry(index, self._random_side()).astype(np.int64))  # (h, w)

@@ -441,3 +441,47 @@ def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
     msg = str(e.value)
     assert "shard_size: cache 2 vs now 3" in msg and "name: cache 'corner' vs now 'other', not checked" in msg
     assert "num_images" not in msg and len(calls) == 3
+
+
+def test_encoded_cache_reads_any_number_of_shards_under_a_low_descriptor_limit(tmp_path):
+    """300 one-image shards read whole (and twice, shuffled) by a process allowed 128 open files: a memory map per
+    shard would hold a descriptor each and fail with 'Too many open files' (as ImageNet's 1,282 shards under 1,024)."""
+    import resource  # noqa: F401  (POSIX only, as the descriptor limit itself)
+    import subprocess
+    import sys
+    cache = str(tmp_path / "cache")
+    n = 300
+    entries = np.random.default_rng(0).standard_normal((n, 2, 3, 2, 2)).astype(np.float16)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.full((3, 1, 1), float(i)), i % 7
+
+    def encode_pair(x):  # the item's index -> its predetermined entry
+        return torch.from_numpy(entries[x[:, 0, 0, 0].long().numpy()])
+
+    meta = {"format": 1, "num_images": n, "shard_size": 1}
+    data.build_encoded_cache(encode_pair, Items(), cache, meta, ["format"], dtype=np.float16, log=lambda *a: None)
+    assert len([f for f in os.listdir(cache) if f.startswith("shard_")]) == n
+    np.save(tmp_path / "expected.npy", entries)
+    script = f"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import data
+expected = np.load({str(tmp_path / "expected.npy")!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+ds = data.EncodedCache({cache!r})
+order = list(range({n})) + list(np.random.default_rng(1).permutation({n}))
+for i in order:
+    for side in (0, 1):
+        assert np.array_equal(ds._entry(int(i), side), expected[i, side]), (i, side)
+assert ds.labels.tolist() == [i % 7 for i in range({n})]
+print("read", len(order), "entries; open shard files:", len(ds._files))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"read {2 * n} entries; open shard files: {data.EncodedCache.max_open}" in out.stdout
