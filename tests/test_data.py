@@ -417,7 +417,7 @@ def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
     data.build_encoded_cache(encode_pair, images, cache, meta, **kw)
     assert len(calls) == 3  # finished: nothing encoded again
     with open(os.path.join(cache, "meta.json")) as f:
-        assert json.load(f) == meta
+        assert json.load(f) == {**meta, "dtype": "float16"}               # the storage dtype is recorded
     shards = [np.load(os.path.join(cache, f"shard_{k:05d}.npy")) for k in range(3)]
     assert [s.shape for s in shards] == [(2, 2, 3), (2, 2, 3), (1, 2, 3)] and shards[0].dtype == np.float16
     pixels = np.stack([images[i][0].numpy() for i in range(5)])  # (5, 3, 8, 8)
@@ -425,6 +425,13 @@ def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
     assert np.array_equal(np.concatenate(shards), expected)
     labels = np.concatenate([np.load(os.path.join(cache, f"labels_{k:05d}.npy")) for k in range(3)])
     assert labels.dtype == np.int64 and labels.tolist() == [images[i][1] for i in range(5)]
+    # Two DataLoader workers loading the images: the same batches (one per shard), the same files.
+    calls.clear()
+    data.build_encoded_cache(encode_pair, images, str(tmp_path / "workers"), meta, num_workers=2, **kw)
+    assert calls == [2, 2, 1]
+    for name in sorted(os.listdir(cache)):
+        with open(os.path.join(cache, name), "rb") as a, open(str(tmp_path / "workers" / name), "rb") as b:
+            assert a.read() == b.read(), name
 
     # A reader: flip=False gives the image's entry, flip=True picks each side about half the time.
     ds = data.EncodedCache(cache, flip=False)
@@ -485,3 +492,62 @@ print("read", len(order), "entries; open shard files:", len(ds._files))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"read {2 * n} entries; open shard files: {data.EncodedCache.max_open}" in out.stdout
+
+
+def test_latent_cache_float16_and_caches_of_float32_before_it(tmp_path, one_thread):
+    """Latents are stored in float16 (half the bytes) and read as float32; a cache of the earlier float32 layout
+    (no "dtype" in meta.json) is still read, and completed in float32."""
+    import models
+    torch.manual_seed(0)
+    vae = models.KLVAE_models["tiny"]().eval()
+    images = data.build_dataset("synthetic", 64, "center", num_images=7)
+    kw = dict(vae_name="tiny", batch_size=2, shard_size=3, log=lambda *a: None)
+    new = str(tmp_path / "fp16")
+    meta = data.build_latent_cache(vae, images, new, 64, num_workers=2, **kw)
+    assert meta["dtype"] == "float16"
+    # Exactly the float16 rounding of the float32 encodings of the same batches (images 0, 1 | 2 of shard 0).
+    x = torch.stack([images[i][0] for i in range(3)])
+    with torch.no_grad():
+        direct = [vae.encode(xb) for xb in (x[:2], x[2:])]
+        direct_f = [vae.encode(xb.flip(-1)) for xb in (x[:2], x[2:])]
+    mean_std = torch.cat([torch.cat([p.mean, p.std], 1) for p in direct])            # (3, 8, 8, 8)
+    mean_std_f = torch.cat([torch.cat([p.mean, p.std], 1) for p in direct_f])
+    shard = np.load(os.path.join(new, "shard_00000.npy"))
+    assert shard.dtype == np.float16 and shard.shape == (3, 2, 8, 8, 8)
+    assert np.array_equal(shard[:, 0], mean_std.numpy().astype(np.float16))
+    assert np.array_equal(shard[:, 1], mean_std_f.numpy().astype(np.float16))
+    ds = data.LatentCache(new, mode="mean")
+    z = torch.stack([ds[i][0] for i in range(3)])
+    assert z.dtype == torch.float32
+    assert ((z - mean_std[:, :4]).abs() <= 2 ** -11 * mean_std[:, :4].abs() + 2 ** -25).all()   # float16 rounding
+
+    # The earlier layout: float32 shards, no "dtype" in meta.json (what the previous build_latent_cache wrote).
+    old = str(tmp_path / "fp32")
+    data.build_encoded_cache(lambda xb: torch.stack([torch.cat([p.mean, p.std], 1) for p in
+                                                     (vae.encode(xb), vae.encode(xb.flip(-1)))], 1),
+                             images, old, {k: v for k, v in meta.items() if k != "dtype"}, checked=[],
+                             batch_size=2, dtype=np.float32, log=lambda *a: None)
+    with open(os.path.join(old, "meta.json")) as f:
+        legacy_meta = {k: v for k, v in json.load(f).items() if k != "dtype"}
+    with open(os.path.join(old, "meta.json"), "w") as f:
+        json.dump(legacy_meta, f)
+    os.remove(os.path.join(old, "shard_00001.npy"))                 # a partial cache: completed in its own dtype
+    assert data.build_latent_cache(vae, images, old, 64, **kw)["dtype"] == "float32"
+    assert all(np.load(os.path.join(old, f"shard_{k:05d}.npy")).dtype == np.float32 for k in range(3))
+    with open(os.path.join(old, "meta.json")) as f:
+        assert json.load(f) == legacy_meta
+    legacy = data.LatentCache(old, mode="mean")
+    torch.testing.assert_close(torch.stack([legacy[i][0] for i in range(3)]), mean_std[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([legacy[i][0] for i in range(7)]),
+                               torch.stack([ds[i][0] for i in range(7)]), rtol=2 ** -11, atol=2 ** -25)
+    # Bytes per image (and mirror): 2 x 8 x 8 x 8 values, 4 bytes each before, 2 now.
+    payload = [os.path.getsize(os.path.join(d, "shard_00000.npy")) - 128 for d in (old, new)]   # 128 B header
+    assert payload == [3 * 4096, 3 * 2048]
+
+    # A cache format this code does not know is refused by the reader.
+    with open(os.path.join(new, "meta.json")) as f:
+        future = {**json.load(f), "format": data.LATENT_CACHE_FORMAT + 1}
+    with open(os.path.join(new, "meta.json"), "w") as f:
+        json.dump(future, f)
+    with pytest.raises(ValueError, match="format"):
+        data.LatentCache(new)
