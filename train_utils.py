@@ -197,7 +197,8 @@ def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_h
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--global-seed", type=int, default=seed, help="seed of the run (rank r uses seed * world + r)")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
+    g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU (training, and building "
+                   "a latent or token cache)")
     g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between log lines / metrics rows")
     g.add_argument("--ckpt-every", type=positive_int, default=ckpt_every, help="steps between checkpoints")
     g.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints kept, the newest (0 = all)")
