@@ -7,7 +7,9 @@ torchvision's ToTensor followed by Normalize(0.5, 0.5)) and label an int. Random
 python / numpy / torch RNGs, exactly like the reference pipelines, so train_utils.ResumableLoader can seed them per
 sample and a resumed run sees the same crops.
 """
+import collections
 import colorsys
+import functools
 import hashlib
 import json
 import math
@@ -100,31 +102,124 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[top:top + image_size, left:left + image_size])
 
 
-def _area_resample_rows(f, out_size):
-    """Exact pixel-area resampling of f: (n, ...) along its first axis to out_size rows (float64)."""
-    # Output row o covers [b_o, b_(o+1)] = [o s, (o + 1) s] in input rows (s = n / out_size); its value is the mean
-    # of the input over that span, fractional rows weighted by their overlap. This is what OpenCV's INTER_AREA
-    # computes, for shrinking and for enlarging alike. Via the running integral C: out_o = (C(b_(o+1)) - C(b_o)) / s
-    # with C(b) = (sum of rows below floor(b)) + frac(b) * row floor(b).
-    n = f.shape[0]
-    cum = np.zeros((n + 1,) + f.shape[1:])
-    np.cumsum(f, axis=0, out=cum[1:])
-    b = np.arange(out_size + 1) * (n / out_size)
-    i = np.minimum(np.floor(b).astype(np.int64), n)
-    frac = (b - i).reshape((-1,) + (1,) * (f.ndim - 1))
-    integral = cum[i] + frac * f[np.minimum(i, n - 1)]
-    return (integral[1:] - integral[:-1]) * (out_size / n)
+# OpenCV's INTER_AREA, reproduced bit for bit (OpenCV imgproc/src/resize.cpp, hal::resize; checked against OpenCV
+# 4.6, 4.12 and 5.0 on x86-64 in tests/test_data.py). The official EQ-VAE data code resizes its crops with
+# cv2.resize(..., interpolation=cv2.INTER_AREA) (through albumentations), and OpenCV computes INTER_AREA in one of
+# three ways, each with its own arithmetic and rounding, so an "exact area average" is off by one level on about a
+# fifth of the shrinks:
+# 1. integer factor k on both axes (resizeAreaFast_): integer sums of k x k blocks; for k = 2 (1, 3 or 4 channels)
+#    (sum + 2) >> 2, i.e. .5 rounds up; otherwise sum * (1.f / k^2) in float32, rounded half to even (cvRound);
+# 2. any other shrink (resizeArea_, computeResizeAreaTab): per output pixel, taps over the source pixels it covers,
+#    weights overlap / cell width cast to float32 (overlaps under 1e-3 px dropped), summed in float32 in source
+#    order, first along each source row, then over the source rows; cvRound (half to even) at the end;
+# 3. enlarging on either axis (resizeGeneric_ with INTER_LINEAR's fixed-point kernels): two taps per axis with
+#    11-bit integer weights that come from the area overlap of the last source pixel.
+# Below, every float32 product and sum is one numpy float32 operation in OpenCV's order (numpy never fuses a multiply
+# and an add), so the results are identical, and vectorised over a whole row of taps it runs about as fast as OpenCV
+# (1.4 ms vs 1.0 ms for a 576 px crop to 256 on one core). An OpenCV build whose compiler fuses multiply-adds (FMA,
+# common on ARM) can differ from x86-64 builds, and so from this, in rare last-bit ties.
+
+_DBL_EPSILON = 2.220446049250313e-16
+_RESIZE_COEF = 2048   # INTER_RESIZE_COEF_SCALE: the fixed-point weights of INTER_LINEAR have 11 fractional bits
+
+
+def _expand_channels(idx, weights, channels):
+    """Taps over pixels -> taps over the flattened (pixel, channel) axis of an (H, W * C) array."""
+    if not channels:
+        return idx, weights
+    idx = (idx[..., None] * channels + np.arange(channels)).reshape(idx.shape[0], -1)
+    return idx, np.repeat(weights, channels, axis=-1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _area_taps(n_in, n_out, channels=0):
+    """computeResizeAreaTab for a shrink n_in -> n_out: (idx, weights), each (T, n_out), T = most taps per output;
+    outputs with fewer taps are padded with weight 0 (adding 0.0 leaves a float32 sum unchanged)."""
+    scale = 1.0 / (n_out / n_in)   # as hal::resize computes it from cv::resize's inv_scale
+    taps = []
+    for d in range(n_out):
+        fsx1 = d * scale
+        fsx2 = fsx1 + scale
+        cell = min(scale, n_in - fsx1)
+        sx1, sx2 = math.ceil(fsx1), min(math.floor(fsx2), n_in - 1)
+        sx1 = min(sx1, sx2)
+        t = []
+        if sx1 - fsx1 > 1e-3:                               # the partly covered first pixel
+            t.append((sx1 - 1, (sx1 - fsx1) / cell))
+        t += [(s, 1.0 / cell) for s in range(sx1, sx2)]    # fully covered pixels
+        if fsx2 - sx2 > 1e-3:                               # the partly covered last pixel
+            t.append((sx2, min(min(fsx2 - sx2, 1.0), cell) / cell))
+        taps.append(t)
+    n_taps = max(len(t) for t in taps)
+    idx = np.array([[t[min(k, len(t) - 1)][0] for t in taps] for k in range(n_taps)], dtype=np.int64)
+    weights = np.array([[t[k][1] if k < len(t) else 0.0 for t in taps] for k in range(n_taps)]).astype(np.float32)
+    return _expand_channels(idx, weights, channels)
+
+
+@functools.lru_cache(maxsize=4096)
+def _linear_area_taps(n_in, n_out, channels=0):
+    """hal::resize's INTER_AREA taps when enlarging: (idx (2, n_out), fixed-point weights (2, n_out) int32)."""
+    inv_scale = n_out / n_in
+    scale = 1.0 / inv_scale
+    d = np.arange(n_out)
+    s = np.floor(d * scale).astype(np.int64)
+    f = ((d + 1) - (s + 1) * inv_scale).astype(np.float32)   # the part of the output pixel past source pixel s
+    f = np.where(f <= 0, np.float32(0), f - np.floor(f)).astype(np.float32)
+    # From the last source pixel on, both taps read it with f = 0 (OpenCV clamps x so; along y it clamps only the row
+    # index, but there f = (d + 1) - n_out rounds to 0 anyway).
+    f[s >= n_in - 1] = 0
+    w = np.stack([np.rint((np.float32(1) - f) * np.float32(_RESIZE_COEF)),
+                  np.rint(f * np.float32(_RESIZE_COEF))]).astype(np.int32)   # saturate_cast<short>: half to even
+    idx = np.stack([np.minimum(s, n_in - 1), np.minimum(s + 1, n_in - 1)])
+    return _expand_channels(idx, w, channels)
+
+
+def _resize_area_fast(arr, kx, ky):
+    """Integer factors kx, ky (resizeAreaFast_): exact integer block sums, then OpenCV's rounding."""
+    h, w, c = arr.shape
+    if kx == ky == 2 and c in (1, 3, 4):   # ResizeAreaFastVec: (a + b + c + d + 2) >> 2, .5 rounds up
+        s = arr.astype(np.uint16)
+        return ((s[0::2, 0::2] + s[0::2, 1::2] + s[1::2, 0::2] + s[1::2, 1::2] + 2) >> 2).astype(np.uint8)
+    sums = arr.reshape(h // ky, ky, w // kx, kx, c).sum(axis=(1, 3), dtype=np.int32)
+    return _round_to_uint8(sums.astype(np.float32) * (np.float32(1) / np.float32(kx * ky)))   # sum * (1.f / area)
+
+
+def _round_to_uint8(x):
+    """saturate_cast<uchar>(float): round half to even (cvRound), then clamp to [0, 255]."""
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def area_resize(arr, out_h, out_w):
-    """uint8 (H, W, C) -> uint8 (out_h, out_w, C), exact area averaging (emulates cv2.resize INTER_AREA)."""
-    # Checked against OpenCV 5.0 INTER_AREA: identical when shrinking (the official case: crops of OpenImages
-    # photos are larger than 256); when enlarging within 1 level, except where OpenCV's float rounding puts a
-    # boundary in the wrong source pixel. PIL's BOX and torch's "area" differ by up to ~25 levels at 300 -> 256.
-    x = _area_resample_rows(arr, out_h)                                       # (out_h, W, C)
-    x = _area_resample_rows(x.transpose(1, 0, 2), out_w).transpose(1, 0, 2)  # (out_h, out_w, C)
-    # Round half up like OpenCV's integer fast path ((sum + area / 2) / area).
-    return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+    """uint8 (H, W, C) -> uint8 (out_h, out_w, C), identical to cv2.resize(arr, (out_w, out_h), cv2.INTER_AREA)."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    if arr.ndim == 2:
+        return area_resize(arr[:, :, None], out_h, out_w)[:, :, 0]
+    h, w, c = arr.shape
+    if (out_h, out_w) == (h, w):
+        return arr.copy()                                         # cv::resize copies equal sizes
+    scale_x, scale_y = 1.0 / (out_w / w), 1.0 / (out_h / h)
+    if scale_x >= 1 and scale_y >= 1:
+        kx, ky = round(scale_x), round(scale_y)                  # saturate_cast<int>: half to even, like round()
+        if abs(scale_x - kx) < _DBL_EPSILON and abs(scale_y - ky) < _DBL_EPSILON:
+            return _resize_area_fast(arr, kx, ky)
+        src = arr.reshape(h, w * c)                               # (H, W * C): channels interleaved, as in memory
+        idx, wx = _area_taps(w, out_w, c)
+        rows = np.take(src, idx[0], axis=1) * wx[0]               # (H, out_w * C) float32, along each source row
+        for k in range(1, len(idx)):
+            rows += np.take(src, idx[k], axis=1) * wx[k]
+        idx, wy = _area_taps(h, out_h)
+        out = np.take(rows, idx[0], axis=0) * wy[0][:, None]      # (out_h, out_w * C), then over the source rows
+        for k in range(1, len(idx)):
+            out += np.take(rows, idx[k], axis=0) * wy[k][:, None]
+        return _round_to_uint8(out).reshape(out_h, out_w, c)
+    # Enlarging (on either axis): INTER_LINEAR's integer kernels with the area weights.
+    src = arr.reshape(h, w * c).astype(np.int32)
+    idx, wx = _linear_area_taps(w, out_w, c)
+    rows = src[:, idx[0]] * wx[0] + src[:, idx[1]] * wx[1]       # (H, out_w * C), in 2048ths
+    idx, wy = _linear_area_taps(h, out_h)
+    # VResizeLinear<uchar, int, short, FixedPtCast<.., 22>>: drop 4 bits, multiply, keep the high 16, round 2 bits.
+    out = (((wy[0][:, None] * (rows[idx[0]] >> 4)) >> 16) + ((wy[1][:, None] * (rows[idx[1]] >> 4)) >> 16) + 2) >> 2
+    return out.astype(np.uint8).reshape(out_h, out_w, c)
 
 
 class EQVAECrop:
@@ -138,15 +233,15 @@ class EQVAECrop:
         # Reference: zelaki/eqvae ldm/data/dataset.py DatasetTrain (LDM's super-resolution data code):
         # crop side = int(short side * np.random.uniform(0.5, 1)), albumentations 0.4.3 RandomCrop (top =
         # int((H - c) * random.random()), then left likewise) and SmallestMaxSize(256, cv2.INTER_AREA). We draw from the
-        # same global RNGs (numpy for the scale, python for the position) and emulate INTER_AREA exactly in numpy
-        # (PIL's BOX filter and torch's "area" mode round fractional pixel footprints differently).
-        arr = np.asarray(pil_image, dtype=np.uint8)
-        h, w = arr.shape[:2]
+        # same global RNGs (numpy for the scale, python for the position) and reproduce INTER_AREA exactly (area_resize;
+        # PIL's BOX filter and torch's "area" mode round fractional pixel footprints differently).
+        w, h = pil_image.size
         side = max(1, int(min(h, w) * np.random.uniform(self.min_crop_f, self.max_crop_f)))
         top = int((h - side) * random.random())
         left = int((w - side) * random.random())
-        crop = arr[top:top + side, left:left + side]
-        if side != self.size:   # albumentations skips the resize when the scale is exactly 1
+        # PIL crops in C, so only the crop's pixels are copied into numpy, not the whole photo.
+        crop = np.asarray(pil_image.crop((left, top, left + side, top + side)), dtype=np.uint8)
+        if side != self.size:   # albumentations' SmallestMaxSize skips the resize when the scale is exactly 1
             crop = area_resize(crop, self.size, self.size)
         return Image.fromarray(crop)
 
@@ -547,13 +642,18 @@ def build_dataset(data, resolution, transform="center", num_images=None, seed=0)
 #   MaskGIT reference tokenises inside its loop and draws Resize(256) + RandomCrop(256) each epoch; a cache holds one
 #   crop per image, the ADM center crop (on ImageNet a mild difference: the short side is already resized to 256).
 #
-# Layout of a cache folder:
-#   meta.json              autoencoder fingerprint, resolution, dataset size, entry shape, shard size, ...
+# Layout of a cache folder (format 1):
+#   meta.json              autoencoder fingerprint, resolution, dataset size, entry shape, shard size, storage dtype
 #   labels_00000.npy       (n,) int64 class labels of images [k * shard_size, (k + 1) * shard_size)
-#   shard_00000.npy        (n, 2, ...) entries of [no flip, flip]: latents (n, 2, 2C, h, w) float32 holding
+#   shard_00000.npy        (n, 2, ...) entries of [no flip, flip]: latents (n, 2, 2C, h, w) float16 holding
 #                          [mean (C) | std (C)]; tokens (n, 2, h, w) uint16 (int32 beyond 65,536 codes)
+# Latents are stored in float16 (meta "dtype"): half the bytes (ImageNet at 256 px with SD-VAE: 32 KiB per image and
+# mirror, 39 GiB instead of 78), and its rounding (relative 2^-11, about 5e-3 on a mean of 10) is far below the
+# noise of the first diffusion step. Caches made before meta recorded a dtype hold float32 and are read, and completed,
+# as such; readers take the dtype from each shard's header.
 # Shards are written to a temporary name and renamed (shard last, so a shard file marks a finished shard); rank r
 # writes shards k with k % world_size == r, so no two ranks touch the same file, and a rerun skips finished shards.
+# Images are decoded by DataLoader workers (num_workers) while the main process encodes.
 
 LATENT_CACHE_FORMAT = 1
 TOKEN_CACHE_FORMAT = 1
@@ -609,21 +709,27 @@ def _check_cache_meta(cache_dir, found, expected, checked, what):
 
 @torch.no_grad()
 def build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank=0, world_size=1, batch_size=32,
-                        dtype=np.float32, device="cpu", log=print, what="cache"):
+                        dtype=np.float16, device="cpu", log=print, what="cache", num_workers=0, legacy_dtype=None):
     """
     Encode `dataset` (items (image (3, R, R) in [-1, 1], label), deterministic: no random flip) into cache_dir, this
     rank's unfinished shards only: encode_pair(x (B, 3, R, R) on device) -> (B, 2, ...) entries of [image, mirror],
-    stored as dtype. meta (holding num_images and shard_size) is written to meta.json; an existing one must agree on
-    the keys in `checked`. Every rank must call it (it synchronises). Returns meta.
+    stored as dtype (meta["dtype"]). meta (holding num_images and shard_size) is written to meta.json; an existing one
+    must agree on the keys in `checked`, and a cache begun before meta recorded a dtype is completed in legacy_dtype.
+    num_workers DataLoader workers load the images. Every rank must call it (it synchronises). Returns meta.
     """
     device, n, shard_size = torch.device(device), len(dataset), int(meta["shard_size"])
     meta_path = os.path.join(cache_dir, "meta.json")
+    found = None
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            _check_cache_meta(cache_dir, json.load(f), meta, checked, what)
+            found = json.load(f)
+        _check_cache_meta(cache_dir, found, meta, checked, what)
+    # A partial cache is completed in the dtype its finished shards have.
+    dtype = np.dtype(dtype if found is None else found.get("dtype", legacy_dtype if legacy_dtype else dtype))
+    meta = {**meta, "dtype": dtype.name}
     _cache_barrier()  # everyone has read (and checked) the old meta before rank 0 may write it
     os.makedirs(cache_dir, exist_ok=True)
-    if rank == 0 and not os.path.exists(meta_path):
+    if rank == 0 and found is None:
         tmp = f"{meta_path}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
@@ -636,25 +742,34 @@ def build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank=0, 
     if rank == 0:
         log(f"{what.capitalize()} {cache_dir}: {num_shards} shard(s) of {shard_size} images, "
             f"{len(mine) - len(todo)} of rank 0's {len(mine)} already done")
+    # One loader over all of this rank's unfinished shards, in order, its batches never crossing a shard's end.
+    batches = {k: [list(range(i, min(i + batch_size, (k + 1) * shard_size, n)))
+                   for i in range(k * shard_size, min((k + 1) * shard_size, n), batch_size)] for k in todo}
+    batch_iter = iter(torch.utils.data.DataLoader(dataset, batch_sampler=[b for k in todo for b in batches[k]],
+                                                  num_workers=num_workers if todo else 0,
+                                                  pin_memory=device.type == "cuda"))
     for done, k in enumerate(todo):
-        indices = range(k * shard_size, min((k + 1) * shard_size, n))
         entries, labels = [], []
-        for start in range(0, len(indices), batch_size):
-            items = [dataset[i] for i in indices[start:start + batch_size]]
-            x = torch.stack([im for im, _ in items]).to(device)                   # (B, 3, R, R)
-            labels += [int(lab) for _, lab in items]
-            entries.append(encode_pair(x).cpu().numpy().astype(dtype))            # (B, 2, ...)
+        for _ in batches[k]:
+            x, y = next(batch_iter)                                               # (B, 3, R, R), (B,)
+            labels += [int(lab) for lab in y]
+            entry = encode_pair(x.to(device, non_blocking=True)).cpu().numpy()    # (B, 2, ...)
+            entries.append(entry.astype(dtype))
+            if dtype.kind == "f" and not np.isfinite(entries[-1]).all():
+                raise ValueError(f"{what}: an encoding in shard {k} does not fit {dtype.name} (largest magnitude "
+                                 f"{np.abs(entry).max():.3g})")
         _atomic_save_npy(os.path.join(cache_dir, f"labels_{k:05d}.npy"), np.asarray(labels, dtype=np.int64))
         _atomic_save_npy(os.path.join(cache_dir, f"shard_{k:05d}.npy"), np.concatenate(entries))
         if rank == 0:
             log(f"  {what}: shard {k + 1}/{num_shards} written (rank 0: {done + 1}/{len(todo)})")
+    del batch_iter   # stops the workers
     _cache_barrier()
     return meta
 
 
 @torch.no_grad()
 def build_latent_cache(vae, dataset, cache_dir, resolution, vae_name="", data_name="", rank=0, world_size=1,
-                       batch_size=32, shard_size=1000, device="cpu", log=print):
+                       batch_size=32, shard_size=1000, device="cpu", log=print, num_workers=0):
     """The KL autoencoder's posterior (mean | std) of every image and its mirror (build_encoded_cache). Returns meta."""
     probe = vae.encode(dataset[0][0][None].to(device)).mean  # (1, C, h, w): the latent shape for this resolution
     meta = {"format": LATENT_CACHE_FORMAT, "vae": str(vae_name), "vae_sha256": vae_fingerprint(vae),
@@ -670,13 +785,15 @@ def build_latent_cache(vae, dataset, cache_dir, resolution, vae_name="", data_na
     # never trained on latents normalised otherwise than the autoencoder it will decode with.
     checked = ["format", "vae_sha256", "resolution", "latent_norm", "num_images", "latent_shape", "shard_size",
                "data_sha256"]
+    # float16 (see the layout notes above); caches made before meta recorded a dtype are float32.
     return build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank, world_size, batch_size,
-                               np.float32, device, log, what="latent cache")
+                               np.float16, device, log, what="latent cache", num_workers=num_workers,
+                               legacy_dtype=np.float32)
 
 
 @torch.no_grad()
 def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_name="", rank=0, world_size=1,
-                      batch_size=64, shard_size=1000, device="cpu", log=print):
+                      batch_size=64, shard_size=1000, device="cpu", log=print, num_workers=0):
     """The VQ-GAN's code indices of every image and its mirror (build_encoded_cache). Returns meta."""
     grid = list(vq.encode_indices(dataset[0][0][None].to(device)).shape[1:])  # (h, w) for this resolution
     codebook_size = int(vq.quantize.embedding.weight.shape[0])
@@ -690,13 +807,21 @@ def build_token_cache(vq, dataset, cache_dir, resolution, vqgan_name="", data_na
 
     checked = ["format", "vqgan_sha256", "resolution", "data", "num_images", "grid", "codebook_size", "shard_size",
                "data_sha256"]
+    dtype = np.uint16 if codebook_size <= 2 ** 16 else np.int32
     return build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank, world_size, batch_size,
-                               np.uint16 if codebook_size <= 2 ** 16 else np.int32, device, log, what="token cache")
+                               dtype, device, log, what="token cache", num_workers=num_workers, legacy_dtype=dtype)
 
 
 class EncodedCache(torch.utils.data.Dataset):
-    """A finished cache's shards, memory-mapped; subclasses turn an image's [image, mirror] entry into an item."""
+    """A finished cache's shards, read entry by entry at file offsets; subclasses turn an image's [image, mirror]
+    entry into an item."""
     what = "cache"
+    format = None     # the cache format a subclass reads (meta["format"])
+    # Shard files held open per process, least recently used closed first. A memory map per shard would hold a file
+    # descriptor each (Python's mmap keeps a dup of it): ImageNet's 1,282 shards then exceed the usual limit of 1,024
+    # descriptors ("Too many open files"). Shuffled reads rarely hit the same shard twice in a row, so most reads are
+    # open + pread + close, a few microseconds from the page cache; the few held open serve in-order reads.
+    max_open = 32
 
     def __init__(self, cache_dir, flip=True):
         meta_path = os.path.join(cache_dir, "meta.json")
@@ -704,6 +829,9 @@ class EncodedCache(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{cache_dir} is not a {self.what} (no meta.json)")
         with open(meta_path) as f:
             self.meta = json.load(f)
+        if self.format is not None and self.meta.get("format") != self.format:
+            raise ValueError(f"{self.what} {cache_dir} has format {self.meta.get('format')!r}; this code reads format "
+                             f"{self.format}. Rebuild it in another folder (or delete this one).")
         self.cache_dir, self.flip = cache_dir, flip
         self.shard_size = self.meta["shard_size"]
         num_shards = -(-self.meta["num_images"] // self.shard_size)
@@ -712,7 +840,8 @@ class EncodedCache(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.what} {cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
                                     f"missing (first: {missing[:3]}); rerun the same command to finish it")
         self.labels = np.concatenate([np.load(self._path("labels", k)) for k in range(num_shards)])
-        self._shards = {}  # memory maps, opened lazily (and per loader worker)
+        self._layout = {}                        # shard -> (entry shape, dtype, offset of entry 0), read once
+        self._files = collections.OrderedDict()  # shard -> open file descriptor, least recently used first
 
     def _path(self, kind, k):
         return os.path.join(self.cache_dir, f"{kind}_{k:05d}.npy")
@@ -720,12 +849,55 @@ class EncodedCache(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def __getstate__(self):
+        # Descriptors mean nothing in another process (DataLoader workers started by spawn): each opens its own.
+        return dict(self.__dict__, _files=collections.OrderedDict())
+
+    def close(self):
+        """Close the shard files this process holds open (reads reopen them)."""
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # interpreter shutdown: os may be gone already
+            pass
+
+    def _shard_layout(self, k):
+        """(entry shape, dtype, byte offset of entry 0) of shard k, from its .npy header (NumPy's format.py)."""
+        if k not in self._layout:
+            path = self._path("shard", k)
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"{path}: .npy format version {version} is not one np.save writes here")
+                shape, fortran_order, dtype = read_header(f)
+                if fortran_order or len(shape) < 2 or shape[1] != 2:
+                    raise ValueError(f"{path}: expected a C-order (n, 2, ...) array, found shape {shape}")
+                self._layout[k] = (tuple(shape[2:]), dtype, f.tell())
+        return self._layout[k]
+
+    def _fd(self, k):
+        fd = self._files.pop(k, None)
+        if fd is None:
+            while len(self._files) >= self.max_open:
+                os.close(self._files.popitem(last=False)[1])
+            fd = os.open(self._path("shard", k), os.O_RDONLY)
+        self._files[k] = fd   # now the most recently used
+        return fd
+
     def _entry(self, index, side):
-        """Item `index`'s stored entry for side 0 (image) or 1 (mirror), copied out of its shard's memory map."""
+        """Item `index`'s stored entry for side 0 (image) or 1 (mirror), in the dtype it was stored in."""
         k, j = divmod(index, self.shard_size)
-        if k not in self._shards:
-            self._shards[k] = np.load(self._path("shard", k), mmap_mode="r")
-        return np.array(self._shards[k][j, side])
+        shape, dtype, offset = self._shard_layout(k)
+        size = dtype.itemsize * math.prod(shape)
+        data = os.pread(self._fd(k), size, offset + (2 * j + side) * size)   # entries are rows of a C-order array
+        if len(data) != size:
+            raise OSError(f"{self._path('shard', k)} is truncated: entry {j} side {side} is past its end")
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()   # a writable copy (torch.from_numpy)
 
     def _random_side(self):
         """DiT's random flip (p = 0.5) from the global torch RNG, which ResumableLoader seeds per sample and epoch."""
@@ -738,7 +910,7 @@ class LatentCache(EncodedCache):
     flip (if flip) and z = mean + std * eps, a fresh posterior sample at every read; mode "mean" returns the posterior
     mean of the unflipped image.
     """
-    what = "latent cache"
+    what, format = "latent cache", LATENT_CACHE_FORMAT
 
     def __init__(self, cache_dir, mode="sample", flip=True):
         if mode not in ("sample", "mean"):
@@ -748,7 +920,7 @@ class LatentCache(EncodedCache):
 
     def __getitem__(self, index):
         side = 0 if self.mode == "mean" else self._random_side()
-        mean, std = torch.from_numpy(self._entry(index, side)).chunk(2, dim=0)  # (C, h, w) each
+        mean, std = torch.from_numpy(self._entry(index, side)).float().chunk(2, dim=0)  # (C, h, w) each, fp32
         if self.mode == "mean":
             return mean, int(self.labels[index])
         return mean + std * torch.randn_like(mean), int(self.labels[index])
@@ -756,7 +928,7 @@ class LatentCache(EncodedCache):
 
 class TokenCache(EncodedCache):
     """A finished token cache as a dataset: item = (tokens (h, w) long, label), the mirror's on a random flip."""
-    what = "token cache"
+    what, format = "token cache", TOKEN_CACHE_FORMAT
 
     def __getitem__(self, index):
         tokens = torch.from_numpy(self._entry(index, self._random_side()).astype(np.int64))  # (h, w)
@@ -793,6 +965,7 @@ def latent_training_set(args, vae, vae_name, rank=0, world_size=1, device="cpu",
     images = build_dataset(args.data, args.image_size, "center", num_images=args.num_images)
     build_latent_cache(vae, images, args.cache_latents, args.image_size, vae_name=vae_name, data_name=args.data,
                        rank=rank, world_size=world_size, batch_size=args.cache_batch_size,
-                       shard_size=args.cache_shard_size, device=device, log=log)
+                       shard_size=args.cache_shard_size, device=device, log=log,
+                       num_workers=getattr(args, "num_workers", 0))
     latents = LatentCache(args.cache_latents, flip=flip)
     return LatentsWithImages(latents, images) if with_images else latents

@@ -76,7 +76,8 @@ def main(args):
     # tokenises inside its loop, the cache holds one crop per image, the ADM center crop (see data.py, Caches).
     meta = data.build_token_cache(vq, dataset, cache_dir, args.resolution, vqgan_name=vq_name, data_name=args.data,
                                   rank=rank, world_size=world, batch_size=args.cache_batch_size,
-                                  shard_size=args.cache_shard_size, device=device, log=logger.info)
+                                  shard_size=args.cache_shard_size, device=device, log=logger.info,
+                                  num_workers=args.num_workers)
     del vq  # the VQ-GAN is not needed any more: training reads tokens only
     tokens_ds = data.TokenCache(cache_dir, flip=True)  # items: the image's or (random flip) the mirror's tokens
     num_classes = meta["num_classes"] or int(tokens_ds.labels.max()) + 1

@@ -209,7 +209,8 @@ def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_h
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--global-seed", type=int, default=seed, help="seed of the run (rank r uses seed * world + r)")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
+    g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU (training, and building "
+                   "a latent or token cache)")
     g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between log lines / metrics rows")
     g.add_argument("--ckpt-every", type=positive_int, default=ckpt_every, help="steps between checkpoints")
     g.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints kept, the newest (0 = all)")
@@ -846,9 +847,9 @@ class _EpochSampler(Sampler):
 
 class _SeededItems(Dataset):
     """
-    Seeds python/numpy/torch RNGs from (seed, epoch, index) before fetching an item, so random crops and flips are
-    a function of the sample alone: identical whether the epoch ran straight through or was resumed mid-way, and
-    whatever the number of loader workers.
+    Seeds the python/numpy/torch CPU RNGs from (seed, epoch, index) before fetching an item, so random crops and
+    flips are a function of the sample alone: identical whether the epoch ran straight through or was resumed
+    mid-way, and whatever the number of loader workers.
     """
 
     def __init__(self, dataset, seed):
@@ -860,17 +861,19 @@ class _SeededItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         s = (self.seed * 1_000_003 + epoch * 7_919_977 + index) % (2**31)
-        # In the main process (num_workers=0) the training loop's own RNG streams must not be disturbed.
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        # In the main process (num_workers=0) the training loop's own RNG streams must not be disturbed. Only the
+        # CPU generator is seeded: torch.manual_seed would reseed every CUDA generator too (and the restore below
+        # covers the CPU one), resetting the training loop's CUDA stream at every batch. Items draw on the CPU.
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         random.seed(s)
         np.random.seed(s)
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)
         try:
             return self.dataset[index]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            torch.default_generator.set_state(saved[2])
 
 
 class ResumableLoader:
@@ -896,20 +899,27 @@ class ResumableLoader:
         self.dataset = _SeededItems(dataset, seed)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.epoch, self.batch = 0, 0
-        self._it = None
+        self._loader, self._it = None, None
 
     def __len__(self):
         """Batches per epoch on this rank."""
         return self.sampler.num_batches
 
     def _start_epoch(self):
+        # The sampler runs in this process (workers only receive its (epoch, index) keys), so the epoch and start
+        # set here reach the next iter() of the same DataLoader.
         self.sampler.epoch, self.sampler.start = self.epoch, self.batch
-        # A private generator: otherwise DataLoader draws its worker base seed from the global torch RNG, which
-        # would shift the training loop's random stream depending on when epochs start.
-        gen = torch.Generator().manual_seed(self.sampler.seed + self.epoch)
-        self._it = iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                   num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
-                                   generator=gen))
+        if self._loader is None:
+            # One DataLoader for the whole run with persistent workers: they (and the files, decoders and caches
+            # they opened) live across epochs instead of being forked anew each epoch. Re-iterating it mid-epoch
+            # (load_state_dict) drops the batches in flight. A private generator: otherwise DataLoader draws its
+            # worker base seed from the global torch RNG, shifting the training loop's random stream (the items
+            # themselves are seeded per sample by _SeededItems).
+            self._loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                                      num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                                      generator=torch.Generator().manual_seed(self.sampler.seed),
+                                      persistent_workers=self.num_workers > 0)
+        self._it = iter(self._loader)
 
     def __iter__(self):
         return self

@@ -240,11 +240,25 @@ def test_area_resize_hand_checked():
     row = np.array([[0, 100, 200]], np.uint8)[..., None]                         # (1, 3, 1)
     # 3 -> 2: output pixels average [0, 1.5] and [1.5, 3]: (0 + 50) / 1.5 = 33.3, (50 + 200) / 1.5 = 166.7
     assert data.area_resize(row, 1, 2)[0, :, 0].tolist() == [33, 167]
-    # 3 -> 4 (enlarging): output spans 0.75 px: [0, 0.75] -> 0, [0.75, 1.5] -> (25 + 50) / 0.75 = 66.7, ...
+    # 3 -> 4 (enlarging: OpenCV's fixed-point linear kernel with area weights): output 1 is source 0 and 1 with
+    # weights rint(2048 / 3) = 683 and 1365: row = 100 * 1365 = 136500; ((2048 * (136500 >> 4)) >> 16 + 2) >> 2 = 67
     assert data.area_resize(row, 1, 4)[0, :, 0].tolist() == [0, 67, 133, 200]
-    # Against a brute-force double loop over output/input pixel overlaps, shrinking and enlarging.
+    # OpenCV's three roundings of a tie. Factor 2 (integer path): (sum + 2) >> 2, .5 rounds up: 2 / 4 -> 1, 10 / 4 -> 3.
+    blk = np.array([[0, 0, 0, 2], [1, 1, 4, 4]], np.uint8)[..., None]
+    assert data.area_resize(blk, 1, 2)[0, :, 0].tolist() == [1, 3]
+    # Factor 4 (integer path): sum * (1.f / 16), half to even: 8 / 16 = 0.5 -> 0, 24 / 16 = 1.5 -> 2, 2.5 -> 2.
+    blk = np.zeros((4, 12, 1), np.uint8)
+    blk[0, 0], blk[0, 4], blk[0, 8] = 8, 24, 40
+    assert data.area_resize(blk, 1, 3)[0, :, 0].tolist() == [0, 2, 2]
+    # 12 -> 9 (float path, cells of 4/3 px: weights 0.75 and 0.25, exact in float32): 2 * 0.75 = 1.5 -> 2,
+    # 6 * 0.75 = 4.5 -> 4, 10 * 0.75 = 7.5 -> 8 (half to even; an exact mean rounded half up gives 5 for the 4.5).
+    row = np.zeros((1, 12, 1), np.uint8)
+    row[0, [0, 4, 8], 0] = [2, 6, 10]
+    assert data.area_resize(row, 1, 9)[0, :, 0].tolist() == [2, 0, 0, 4, 0, 0, 8, 0, 0]
+    # Shrinking is area averaging: against a brute-force double loop over output/input pixel overlaps (sizes with
+    # no overlap under OpenCV's 1e-3 px cut-off, so only the float32 sums differ, far below a level).
     rng = np.random.default_rng(0)
-    for (h, w), (oh, ow) in [((7, 11), (3, 4)), ((5, 6), (8, 9)), ((9, 4), (9, 2))]:
+    for (h, w), (oh, ow) in [((7, 11), (3, 4)), ((9, 4), (9, 2)), ((10, 13), (4, 5))]:
         img = rng.integers(0, 256, (h, w, 1), dtype=np.uint8)
         ref = np.zeros((oh, ow))
         for o in range(oh):
@@ -255,11 +269,73 @@ def test_area_resize_hand_checked():
                         wx = max(0.0, min((p + 1) * w / ow, j + 1) - max(p * w / ow, j))
                         ref[o, p] += wy * wx * img[i, j, 0]
         ref /= h / oh * w / ow
-        # correctly rounded (ties may go either way: the two summation orders differ in the last bit)
-        assert np.abs(data.area_resize(img, oh, ow)[..., 0] - ref).max() <= 0.5 + 1e-9
-    # 2x2 -> 1 averages exactly; a .5 rounds up (OpenCV's integer path)
-    blk = np.array([[0, 0], [1, 1]], np.uint8)[..., None]
-    assert data.area_resize(blk, 1, 1)[0, 0, 0] == 1
+        assert np.abs(data.area_resize(img, oh, ow)[..., 0] - ref).max() <= 0.5 + 1e-3
+    # Equal size: a copy (cv::resize); grey (H, W) arrays keep their shape.
+    img = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    assert np.array_equal(data.area_resize(img, 5, 6), img)
+    assert data.area_resize(img[..., 0], 2, 3).shape == (2, 3)
+
+
+def _photos():
+    """Real photographs bundled in scikit-image's wheel (no download): (name, uint8 (H, W, 3))."""
+    skimage_data = pytest.importorskip("skimage.data")
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
+    return [(n, getattr(skimage_data, n)()) for n in names]
+
+
+def test_area_resize_equals_opencv_inter_area_on_photos():
+    """area_resize == cv2.resize(INTER_AREA), bit for bit, on photographs: the official case (square crops of
+    U(0.5, 1) x short side to 256, which on these photos also enlarges), integer factors, other sizes, any shape."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    cases, photos = [], _photos()
+    for name, photo in photos:
+        h, w = photo.shape[:2]
+        short = min(h, w)
+        sides = [int(short * rng.uniform(0.5, 1.0)) for _ in range(12)] + [256, 257, 255, short]
+        cases += [(name, photo, s, s, 256, 256) for s in sides]                             # official
+        cases += [(name, photo, k * o, k * o, o, o) for k, o in [(2, 128), (3, 100), (4, 64), (5, 40)]
+                  if k * o <= short]                                                        # integer factors
+        for _ in range(5):                                                                  # any shapes
+            ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
+            cases.append((name, photo, ch, cw, int(rng.integers(1, 2 * ch + 1)), int(rng.integers(1, 2 * cw + 1))))
+    hubble = dict(photos)["hubble_deep_field"]                                              # 872 x 1000
+    cases += [("hubble_deep_field", hubble, 800, 1000, 799, 999), ("hubble_deep_field", hubble, 872, 1000, 436, 250),
+              ("hubble_deep_field", hubble, 600, 600, 599, 599), ("hubble_deep_field", hubble, 700, 999, 175, 333)]
+    assert len(cases) >= 150
+    for name, photo, ch, cw, oh, ow in cases:
+        top, left = int(rng.integers(0, photo.shape[0] - ch + 1)), int(rng.integers(0, photo.shape[1] - cw + 1))
+        crop = np.ascontiguousarray(photo[top:top + ch, left:left + cw])
+        expected = cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_AREA)
+        got = data.area_resize(crop, oh, ow)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), \
+            f"{name} {ch}x{cw} -> {oh}x{ow}: {(got != expected).sum()} values differ"
+
+
+def test_eqvae_crop_equals_official_pipeline_on_photos():
+    """EQVAECrop == the official draws (numpy scale, python top then left) + albumentations' RandomCrop and
+    SmallestMaxSize(256, cv2.INTER_AREA), which skips the resize when the crop is already 256."""
+    cv2 = pytest.importorskip("cv2")
+    crop = data.EQVAECrop(256)
+    for k, (name, photo) in enumerate(_photos()):
+        pil = Image.fromarray(photo)
+        for seed in range(4):
+            np.random.seed(seed + 10 * k), random.seed(seed + 10 * k)
+            got = np.asarray(crop(pil))
+            np.random.seed(seed + 10 * k), random.seed(seed + 10 * k)
+            h, w = photo.shape[:2]
+            side = int(min(h, w) * np.random.uniform(0.5, 1.0))
+            top, left = int((h - side) * random.random()), int((w - side) * random.random())
+            window = np.ascontiguousarray(photo[top:top + side, left:left + side])
+            assert np.array_equal(got, cv2.resize(window, (256, 256), interpolation=cv2.INTER_AREA)), (name, seed)
+    # side == size: the crop itself, untouched (astronaut is 512 x 512; the scale is drawn from U(0.5, 0.5))
+    photo = dict(_photos())["astronaut"]
+    np.random.seed(3), random.seed(3)
+    out = np.asarray(data.EQVAECrop(256, min_crop_f=0.5, max_crop_f=0.5)(Image.fromarray(photo)))
+    np.random.seed(3), random.seed(3)
+    np.random.uniform(0.5, 0.5)
+    top, left = int(256 * random.random()), int(256 * random.random())
+    assert np.array_equal(out, photo[top:top + 256, left:left + 256])
 
 
 def test_eqvae_crop_size_and_scale_range():
@@ -341,7 +417,7 @@ def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
     data.build_encoded_cache(encode_pair, images, cache, meta, **kw)
     assert len(calls) == 3  # finished: nothing encoded again
     with open(os.path.join(cache, "meta.json")) as f:
-        assert json.load(f) == meta
+        assert json.load(f) == {**meta, "dtype": "float16"}               # the storage dtype is recorded
     shards = [np.load(os.path.join(cache, f"shard_{k:05d}.npy")) for k in range(3)]
     assert [s.shape for s in shards] == [(2, 2, 3), (2, 2, 3), (1, 2, 3)] and shards[0].dtype == np.float16
     pixels = np.stack([images[i][0].numpy() for i in range(5)])  # (5, 3, 8, 8)
@@ -349,6 +425,13 @@ def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
     assert np.array_equal(np.concatenate(shards), expected)
     labels = np.concatenate([np.load(os.path.join(cache, f"labels_{k:05d}.npy")) for k in range(3)])
     assert labels.dtype == np.int64 and labels.tolist() == [images[i][1] for i in range(5)]
+    # Two DataLoader workers loading the images: the same batches (one per shard), the same files.
+    calls.clear()
+    data.build_encoded_cache(encode_pair, images, str(tmp_path / "workers"), meta, num_workers=2, **kw)
+    assert calls == [2, 2, 1]
+    for name in sorted(os.listdir(cache)):
+        with open(os.path.join(cache, name), "rb") as a, open(str(tmp_path / "workers" / name), "rb") as b:
+            assert a.read() == b.read(), name
 
     # A reader: flip=False gives the image's entry, flip=True picks each side about half the time.
     ds = data.EncodedCache(cache, flip=False)
@@ -365,3 +448,106 @@ def test_encoded_cache_shards_per_rank_resume_meta_check_and_reader(tmp_path):
     msg = str(e.value)
     assert "shard_size: cache 2 vs now 3" in msg and "name: cache 'corner' vs now 'other', not checked" in msg
     assert "num_images" not in msg and len(calls) == 3
+
+
+def test_encoded_cache_reads_any_number_of_shards_under_a_low_descriptor_limit(tmp_path):
+    """300 one-image shards read whole (and twice, shuffled) by a process allowed 128 open files: a memory map per
+    shard would hold a descriptor each and fail with 'Too many open files' (as ImageNet's 1,282 shards under 1,024)."""
+    import resource  # noqa: F401  (POSIX only, as the descriptor limit itself)
+    import subprocess
+    import sys
+    cache = str(tmp_path / "cache")
+    n = 300
+    entries = np.random.default_rng(0).standard_normal((n, 2, 3, 2, 2)).astype(np.float16)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.full((3, 1, 1), float(i)), i % 7
+
+    def encode_pair(x):  # the item's index -> its predetermined entry
+        return torch.from_numpy(entries[x[:, 0, 0, 0].long().numpy()])
+
+    meta = {"format": 1, "num_images": n, "shard_size": 1}
+    data.build_encoded_cache(encode_pair, Items(), cache, meta, ["format"], dtype=np.float16, log=lambda *a: None)
+    assert len([f for f in os.listdir(cache) if f.startswith("shard_")]) == n
+    np.save(tmp_path / "expected.npy", entries)
+    script = f"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import data
+expected = np.load({str(tmp_path / "expected.npy")!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+ds = data.EncodedCache({cache!r})
+order = list(range({n})) + list(np.random.default_rng(1).permutation({n}))
+for i in order:
+    for side in (0, 1):
+        assert np.array_equal(ds._entry(int(i), side), expected[i, side]), (i, side)
+assert ds.labels.tolist() == [i % 7 for i in range({n})]
+print("read", len(order), "entries; open shard files:", len(ds._files))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"read {2 * n} entries; open shard files: {data.EncodedCache.max_open}" in out.stdout
+
+
+def test_latent_cache_float16_and_caches_of_float32_before_it(tmp_path, one_thread):
+    """Latents are stored in float16 (half the bytes) and read as float32; a cache of the earlier float32 layout
+    (no "dtype" in meta.json) is still read, and completed in float32."""
+    import models
+    torch.manual_seed(0)
+    vae = models.KLVAE_models["tiny"]().eval()
+    images = data.build_dataset("synthetic", 64, "center", num_images=7)
+    kw = dict(vae_name="tiny", batch_size=2, shard_size=3, log=lambda *a: None)
+    new = str(tmp_path / "fp16")
+    meta = data.build_latent_cache(vae, images, new, 64, num_workers=2, **kw)
+    assert meta["dtype"] == "float16"
+    # Exactly the float16 rounding of the float32 encodings of the same batches (images 0, 1 | 2 of shard 0).
+    x = torch.stack([images[i][0] for i in range(3)])
+    with torch.no_grad():
+        direct = [vae.encode(xb) for xb in (x[:2], x[2:])]
+        direct_f = [vae.encode(xb.flip(-1)) for xb in (x[:2], x[2:])]
+    mean_std = torch.cat([torch.cat([p.mean, p.std], 1) for p in direct])            # (3, 8, 8, 8)
+    mean_std_f = torch.cat([torch.cat([p.mean, p.std], 1) for p in direct_f])
+    shard = np.load(os.path.join(new, "shard_00000.npy"))
+    assert shard.dtype == np.float16 and shard.shape == (3, 2, 8, 8, 8)
+    assert np.array_equal(shard[:, 0], mean_std.numpy().astype(np.float16))
+    assert np.array_equal(shard[:, 1], mean_std_f.numpy().astype(np.float16))
+    ds = data.LatentCache(new, mode="mean")
+    z = torch.stack([ds[i][0] for i in range(3)])
+    assert z.dtype == torch.float32
+    assert ((z - mean_std[:, :4]).abs() <= 2 ** -11 * mean_std[:, :4].abs() + 2 ** -25).all()   # float16 rounding
+
+    # The earlier layout: float32 shards, no "dtype" in meta.json (what the previous build_latent_cache wrote).
+    old = str(tmp_path / "fp32")
+    data.build_encoded_cache(lambda xb: torch.stack([torch.cat([p.mean, p.std], 1) for p in
+                                                     (vae.encode(xb), vae.encode(xb.flip(-1)))], 1),
+                             images, old, {k: v for k, v in meta.items() if k != "dtype"}, checked=[],
+                             batch_size=2, dtype=np.float32, log=lambda *a: None)
+    with open(os.path.join(old, "meta.json")) as f:
+        legacy_meta = {k: v for k, v in json.load(f).items() if k != "dtype"}
+    with open(os.path.join(old, "meta.json"), "w") as f:
+        json.dump(legacy_meta, f)
+    os.remove(os.path.join(old, "shard_00001.npy"))                 # a partial cache: completed in its own dtype
+    assert data.build_latent_cache(vae, images, old, 64, **kw)["dtype"] == "float32"
+    assert all(np.load(os.path.join(old, f"shard_{k:05d}.npy")).dtype == np.float32 for k in range(3))
+    with open(os.path.join(old, "meta.json")) as f:
+        assert json.load(f) == legacy_meta
+    legacy = data.LatentCache(old, mode="mean")
+    torch.testing.assert_close(torch.stack([legacy[i][0] for i in range(3)]), mean_std[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([legacy[i][0] for i in range(7)]),
+                               torch.stack([ds[i][0] for i in range(7)]), rtol=2 ** -11, atol=2 ** -25)
+    # Bytes per image (and mirror): 2 x 8 x 8 x 8 values, 4 bytes each before, 2 now.
+    payload = [os.path.getsize(os.path.join(d, "shard_00000.npy")) - 128 for d in (old, new)]   # 128 B header
+    assert payload == [3 * 4096, 3 * 2048]
+
+    # A cache format this code does not know is refused by the reader.
+    with open(os.path.join(new, "meta.json")) as f:
+        future = {**json.load(f), "format": data.LATENT_CACHE_FORMAT + 1}
+    with open(os.path.join(new, "meta.json"), "w") as f:
+        json.dump(future, f)
+    with pytest.raises(ValueError, match="format"):
+        data.LatentCache(new)

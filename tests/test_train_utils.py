@@ -61,6 +61,53 @@ def test_per_sample_randomness_independent_of_workers():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+class WorkerItems(RandomItems):
+    """RandomItems plus the id of the process that made the item."""
+
+    def __getitem__(self, i):
+        return torch.cat([super().__getitem__(i), torch.tensor([os.getpid()])])
+
+
+def test_loader_workers_persist_across_epochs_and_resume_exactly():
+    """num_workers=2: the same two worker processes serve every epoch, and the batches (order and per-sample draws)
+    equal those of num_workers=0, straight through, resumed in a new loader, or moved back mid-epoch."""
+    straight = take(tu.ResumableLoader(RandomItems(), 4, seed=3), 13)           # 5 batches/epoch: 3 epochs
+    loader = tu.ResumableLoader(WorkerItems(), 4, seed=3, num_workers=2)
+    got = take(loader, 13)
+    assert all(torch.equal(a, b[:, :3]) for a, b in zip(straight, got))
+    pids = [set(b[:, 3].tolist()) for b in got]
+    epochs = [set().union(*pids[0:5]), set().union(*pids[5:10]), set().union(*pids[10:13])]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1] == epochs[2] and os.getpid() not in epochs[0]
+    # Resume mid-epoch in a new loader, and move this one back mid-epoch while batches are in flight.
+    resumed = tu.ResumableLoader(WorkerItems(), 4, seed=3, num_workers=2)
+    resumed.load_state_dict({"epoch": 1, "batch": 2})
+    assert all(torch.equal(a, b[:, :3]) for a, b in zip(straight[7:13], take(resumed, 6)))
+    loader.load_state_dict({"epoch": 0, "batch": 1})
+    again = take(loader, 4)
+    assert all(torch.equal(a, b[:, :3]) for a, b in zip(straight[1:5], again))
+    assert set().union(*[set(b[:, 3].tolist()) for b in again]) == epochs[0]   # still the same workers
+
+
+def test_loader_seeds_only_cpu_generators(monkeypatch):
+    """Per-sample seeding must not reseed CUDA (torch.manual_seed does): with num_workers=0 on a GPU the training
+    loop's CUDA stream would restart at every batch."""
+    expected = take(tu.ResumableLoader(RandomItems(), 4, seed=1), 2)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the loader reseeded a CUDA generator")
+
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(0)
+        cuda_expected = torch.rand(3, device="cuda")
+        torch.cuda.manual_seed(0)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
+    got = take(tu.ResumableLoader(RandomItems(), 4, seed=1), 2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    if torch.cuda.is_available():
+        assert torch.equal(torch.rand(3, device="cuda"), cuda_expected)
+
+
 def test_loader_leaves_training_rng_alone():
     loader = tu.ResumableLoader(RandomItems(), 4, seed=1)
     torch.manual_seed(0)
