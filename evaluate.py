@@ -535,6 +535,7 @@ def inception_score(logits, split_size=5000):
     """
     ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))) per consecutive split of 5000 samples, averaged.
     50K samples give 10 splits; fewer give ceil(N / 5000) splits, the last one smaller (as ADM's loop does).
+    torch-fidelity shuffles into 10 equal splits instead, so only a single split compares with it.
     """
     logits = np.asarray(logits, np.float64)
     log_p = logits - logits.max(1, keepdims=True)

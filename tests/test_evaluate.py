@@ -181,7 +181,7 @@ def test_cli_fid_equals_torch_fidelity_and_pytorch_fid(tmp_path, capsys, monkeyp
     model.fc.weight.data *= 100
     weights = str(tmp_path / "inception.pth")
     torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, weights)
-    smp, ref = blob_images(16, seed=1, shift=20), blob_images(16, seed=2)
+    smp, ref = blob_images(12, seed=1, shift=20), blob_images(12, seed=2)
     for name, images in (("s", smp), ("r", ref)):
         data.save_npz(tmp_path / f"{name}.npz", images)
         os.makedirs(tmp_path / name)
@@ -195,14 +195,16 @@ def test_cli_fid_equals_torch_fidelity_and_pytorch_fid(tmp_path, capsys, monkeyp
         input1=TensorImages(smp), input2=TensorImages(ref), fid=True, isc=True, prc=True, isc_splits=1, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=weights, verbose=False, cache=False,
         save_cpu_ram=True)
-    # 16 images in 2048-D: singular covariances, where every route to tr sqrtm(S1 S2) (ADM's sqrtm, torch-fidelity's
+    # 12 images in 2048-D: singular covariances, where every route to tr sqrtm(S1 S2) (ADM's sqrtm, torch-fidelity's
     # eigvals, our eigvalsh) adds its own ~1e-5 of round-off from the null space; with more images than
     # dimensions they agree to ~1e-8.
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=2e-5)
     # IS: torch-fidelity (like ADM) forms the logits in float32, we in float64: ~3e-7 apart.
     assert ours["inception_score"] == pytest.approx(theirs["inception_score_mean"], rel=2e-6)
-    assert ours["inception_score"] > 1.05
-    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+    assert ours["inception_score"] > 1.01
+    # The same points inside the same balls (torch-fidelity averages the 0/1 flags in float32).
+    assert (ours["precision"], ours["recall"]) == (pytest.approx(theirs["precision"], abs=1e-6),
+                                                   pytest.approx(theirs["recall"], abs=1e-6))
     assert 0 < ours["recall"] < 1
     # --protocol pytorch-fid: the statistics `stats` writes from the PNG folder equal pytorch-fid's own
     # (compute_statistics_of_path, the first half of calculate_fid_given_paths), and its FID formula is ADM's sqrtm
