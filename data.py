@@ -267,10 +267,11 @@ class ImageTransform:
         if self.kind == "eqvae":
             img = self.eqvae_crop(pil_image)            # EQ-VAE fine-tuning: no flip (official data code)
         elif self.kind == "resize_center":
-            # Reconstruction metrics (LightningDiT / EQ-VAE eval scripts): Resize(size) + CenterCrop(size),
-            # torchvision's bilinear resize of the short side (antialiased on PIL images).
+            # Reconstruction metrics, in the order of the official EQ-VAE eval.py: ToTensor, then Resize(size) (short
+            # side, bilinear, antialiased) on the float tensor, CenterCrop(size), Normalize(0.5, 0.5): not quantised.
             from torchvision.transforms import functional as TF
-            img = TF.center_crop(TF.resize(pil_image.convert("RGB"), self.size), self.size)
+            x = TF.center_crop(TF.resize(TF.to_tensor(pil_image.convert("RGB")), self.size, antialias=True), self.size)
+            return (x - 0.5) / 0.5
         else:
             img = center_crop_arr(pil_image, self.size)  # DiT/SiT/REPA: ADM crop (+ flip in DiT training)
             if self.kind == "center_flip":

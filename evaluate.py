@@ -2,8 +2,8 @@
 Stage 4: every number the EQ-VAE paper reports, from one script.
 
     python evaluate.py fid SAMPLES REFERENCE           # FID, sFID, Inception Score, precision, recall (ADM evaluator)
-    python evaluate.py stats IMAGES --out ref.npz       # reference statistics in the ADM .npz layout
-    python evaluate.py recon --vae PATH --data D        # rFID, PSNR, SSIM, LPIPS (LightningDiT / EQ-VAE protocol)
+    python evaluate.py stats IMAGES --out ref.npz       # ADM reference batch: arr_0 (10K), mu, sigma, mu_s, sigma_s
+    python evaluate.py recon --vae PATH --data D        # rFID, PSNR, SSIM, LPIPS (the official EQ-VAE eval.py)
     python evaluate.py equivariance --vae PATH --data D # equivariance error Delta (App. C.3)
     python evaluate.py id LATENTS.npy                   # intrinsic dimension: TwoNN (Table 5) and Levina-Bickel MLE
     python evaluate.py latents --vae PATH --data D --out DIR   # PCA-as-RGB pictures (Fig. 1), power spectrum
@@ -13,11 +13,13 @@ Each run prints one JSON object on stdout and a readable table on stderr. Featur
 under `torchrun` (each rank takes a contiguous shard, rank 0 gathers and computes the metric) and as plain python.
 The FID Inception network lives in this file and loads pytorch-fid's pt_inception-2015-12-05 weights unchanged.
 
-Definitions: FID/sFID/IS/precision/recall as openai/guided-diffusion's evaluations/evaluator.py
-(IS from softmax(pool_3 @ W) without the bias, splits of 5000; P/R with k = 3 on squared distances), features as
-pytorch-fid (same numbers to float precision given the same weights). Reconstruction as LightningDiT's / EQ-VAE's
-eval.py: latent = posterior sample, PSNR per image on uint8 (peak 255) then averaged, SSIM on uint8 (Gaussian 11 /
-1.5, per channel then averaged), LPIPS (VGG) on the decoder output, rFID between the uint8 inputs and reconstructions.
+Generation metrics follow openai/guided-diffusion's evaluations/evaluator.py (the DiT, SiT, REPA and EQ-VAE tables):
+--protocol adm (default) feeds the network as ADM's TensorFlow graph does (TF1 bilinear resize to 299, (x - 128) / 128;
+equal to torch-fidelity's "inception-v3-compat"); --protocol pytorch-fid resizes and scales as pytorch-fid. IS from
+softmax(pool_3 @ W) without the bias, consecutive splits of 5000; P/R with k = 3 on squared distances, fp16 as ADM.
+Reconstruction as the official EQ-VAE eval.py: latent = posterior sample (seeded per image), PSNR per image on uint8
+(peak 255) then averaged, SSIM as torchmetrics' StructuralSimilarityIndexMeasure() on the float decoder output,
+LPIPS (VGG) on the decoder output, rFID with pytorch-fid's preprocessing between the uint8 inputs and reconstructions.
 Equivariance error: App. C.3 with E = posterior mean, image and latent resized bilinearly as the official code.
 """
 import argparse
@@ -56,7 +58,10 @@ to_uint8 = data.to_uint8
 # pytorch-fid's port of the TensorFlow Inception graph that FID, sFID and IS were defined on: torchvision's
 # Inception3 layout with 1008 classes, where the pool branches of Mixed_5b-5d, 6b-6e and 7b average without the
 # zero padding (TensorFlow's avg_pool) and Mixed_7c's pool branch is a max pool (an oddity of that graph).
-# Parameter names equal pytorch-fid's so pt_inception-2015-12-05-6726825d.pth loads as is.
+# Parameter names equal pytorch-fid's so pt_inception-2015-12-05-6726825d.pth loads as is; torch-fidelity's
+# weights-inception-2015-12-05-6726825d.pth is the same port of the same graph (same names, same hash suffix).
+# The protocol is only the preprocessing: "adm" as ADM's TF graph (and torch-fidelity), "pytorch-fid" as
+# pytorch-fid. The two give different features, so statistics made one way never meet samples made the other.
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
@@ -177,10 +182,34 @@ class InceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
 
 
+def tf1_resize_bilinear(x, size=299):
+    """
+    TensorFlow 1's ResizeBilinear (align_corners=False, no half-pixel centres), which ADM's Inception graph applies
+    to its input: per axis, source = float32(i) * float32(in / out), neighbours floor and floor + 1 (clamped), x then
+    y interpolated. Same arithmetic as torch-fidelity's interpolate_compat_tensorflow.py (bit-exact).
+    x: (N, C, H, W) float32 -> (N, C, size, size).
+    """
+    def axis(n):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
+        lo = src.long()
+        return lo, (lo + 1).clamp_max(n - 1), src - lo.float()
+    (y0, y1, fy), (x0, x1, fx) = axis(x.shape[2]), axis(x.shape[3])
+    top, bot = x[:, :, y0], x[:, :, y1]
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+    bot = bot[..., x0] + (bot[..., x1] - bot[..., x0]) * fx
+    return top + (bot - top) * fy[:, None]
+
+
+PROTOCOLS = ("adm", "pytorch-fid")
+
+
 class FIDInceptionV3(nn.Module):
     """The FID Inception network: uint8-range images -> pool3 (2048), sFID spatial (2023) and IS logits (1008)."""
-    def __init__(self):
+    def __init__(self, protocol="adm"):
         super().__init__()
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        self.protocol = protocol
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -211,10 +240,12 @@ class FIDInceptionV3(nn.Module):
         images: (N, 3, H, W) tensor of pixel values in [0, 255] (uint8 or float), any size.
         Returns pool (N, 2048), spatial (N, 2023) and logits (N, 1008), float32.
         """
-        # pytorch-fid's preprocessing: [0, 1] -> bilinear resize to 299 (align_corners=False, no antialias) -> [-1, 1].
-        x = images.float() / 255.0
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        if self.protocol == "adm":
+            # ADM's graph: float 0..255 enter at ExpandDims:0, then TF1's resize to 299 and (x - 128) / 128.
+            x = (tf1_resize_bilinear(images.float()) - 128) / 128
+        else:
+            # pytorch-fid: [0, 1] -> torch bilinear resize to 299 (half-pixel centres, no antialias) -> [-1, 1].
+            x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)                       # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -234,11 +265,11 @@ class FIDInceptionV3(nn.Module):
         return pool, spatial, logits
 
 
-def load_inception(path=None):
+def load_inception(path=None, protocol="adm"):
     """The FID Inception with pytorch-fid's weights: `path`, or torch hub's cache (downloaded there if online)."""
     path = checkpoints.find_weights(FID_WEIGHTS_FILE, FID_WEIGHTS_URL, path, flag="--inception")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(protocol)
     load_state_dict_strict(model, state, what=f"FID Inception weights {path}")
     return model
 
@@ -364,25 +395,27 @@ def shard(n, dist):
 
 
 def gather_rows(x, dist):
-    """Concatenate every rank's (n_r, ...) float array in rank order (ranks may hold different n_r)."""
+    """Concatenate every rank's (n_r, ...) float array in rank order (ranks may hold different n_r); float64 stays
+    float64, so per-image values gathered from any number of ranks equal the one-process ones."""
     if dist.world_size == 1:
         return x
     shapes = [None] * dist.world_size
     tdist.all_gather_object(shapes, tuple(np.shape(x)))
     counts = [s[0] for s in shapes]
     row = max((s for s in shapes if s[0] > 0), default=shapes[0])[1:]      # a rank with no rows may lack columns
-    padded = torch.zeros((max(counts),) + tuple(row), dtype=torch.float32, device=dist.device)
+    dtype = torch.float64 if np.asarray(x).dtype == np.float64 else torch.float32
+    padded = torch.zeros((max(counts),) + tuple(row), dtype=dtype, device=dist.device)
     if len(x):
-        padded[:len(x)] = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=dist.device)
+        padded[:len(x)] = torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=dist.device)
     out = [torch.zeros_like(padded) for _ in range(dist.world_size)]
     tdist.all_gather(out, padded)
     return torch.cat([o[:c] for o, c in zip(out, counts)]).cpu().numpy()
 
 
 def _cache_key(images, model):
-    # Features depend on the image file (path, size, modification time, count) and on the network's weights
-    # (fingerprinted by its first and last convolutions).
-    h = hashlib.sha1(os.path.abspath(images.path).encode())
+    # Features depend on the image file (path, size, modification time, count), on the protocol and on the
+    # network's weights (fingerprinted by its first and last convolutions).
+    h = hashlib.sha1(f"{os.path.abspath(images.path)}|{model.protocol}".encode())
     if os.path.exists(images.path):
         st = os.stat(images.path)
         h.update(f"{st.st_size}-{st.st_mtime_ns}-{len(images)}".encode())
@@ -506,6 +539,7 @@ def inception_score(logits, split_size=5000):
     """
     ADM's Inception Score: exp(E_x KL(p(y|x) || p(y))) per consecutive split of 5000 samples, averaged.
     50K samples give 10 splits; fewer give ceil(N / 5000) splits, the last one smaller (as ADM's loop does).
+    torch-fidelity shuffles into 10 equal splits instead, so only a single split compares with it.
     """
     logits = np.asarray(logits, np.float64)
     log_p = logits - logits.max(1, keepdims=True)
@@ -521,12 +555,22 @@ def inception_score(logits, split_size=5000):
     return float(np.mean(scores))
 
 
-def _pairwise_sq_dists(a, b):
-    # ||a||^2 - 2 a.b + ||b||^2, clamped at 0 (as ADM / Kynkaanniemi et al.).
-    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.t() + b.pow(2).sum(1)[None]).clamp_min_(0)
+def pairwise_sq_dists(a, b, fp16=True):
+    """
+    Squared distances max(|a|^2 - 2 a.b + |b|^2, 0) of (n, D) x (m, D) as ADM's DistanceBlock: with fp16 in float16
+    (features rounded to fp16, each op's result rounded to fp16, sums accumulated in fp32 as TF's GPU kernels do),
+    and the whole block again in float32 if any entry is not finite (fp16 overflows above 65504).
+    """
+    if fp16:
+        h, g = a.half(), b.half()
+        d = ((h * h).float().sum(1).half()[:, None] - 2 * (h.float() @ g.float().t()).half()
+             + (g * g).float().sum(1).half()[None]).clamp_min(0)
+        if torch.isfinite(d).all():
+            return d.float()
+    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.t() + b.pow(2).sum(1)[None]).clamp_min(0)
 
 
-def manifold_radii(features, k=3, block=10000, device="cpu"):
+def manifold_radii(features, k=3, block=10000, device="cpu", fp16=True):
     """Squared distance from each point to its k-th nearest neighbour in the same set (self excluded)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
     if len(x) <= k:
@@ -535,43 +579,47 @@ def manifold_radii(features, k=3, block=10000, device="cpu"):
     for i in range(0, len(x), block):
         best = None                                    # running k+1 smallest (self included) per row
         for j in range(0, len(x), block):
-            d = _pairwise_sq_dists(x[i:i + block], x[j:j + block])
+            d = pairwise_sq_dists(x[i:i + block], x[j:j + block], fp16)
             cand = d if best is None else torch.cat([best, d], 1)
             best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
         radii[i:i + block] = best[:, k].cpu()           # index 0 is the point itself (distance 0)
     return radii.numpy()
 
 
-def precision_recall(ref_features, sample_features, k=3, block=10000, device="cpu"):
+def precision_recall(ref_features, sample_features, k=3, block=10000, device="cpu", fp16=True):
     """
     Improved precision/recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: each point owns a ball of
-    squared radius = its k-th NN distance in its own set; precision = fraction of samples inside some reference
-    ball, recall = fraction of references inside some sample ball. Distances in blocks of `block` x `block`, so
-    50K x 10K fits in memory. (ADM computes them in float16 when finite; here float32.)
+    squared radius = its k-th NN distance in its own set; precision = fraction of samples inside (<=) some
+    reference ball, recall = fraction of references inside some sample ball. Distances in blocks of 10000 x 10000,
+    each block in fp16 unless it overflows (see pairwise_sq_dists). fp16 rounds squared distances by up to ~5e-4 of
+    the squared norms, moving points that close to a ball's edge in or out: on pool3-like features (|x|^2 ~ 400,
+    5000 per set) precision rose by 0.0012 and recall by 0.0024 against fp32 distances (fp16=False, torch-fidelity's
+    choice).
     """
     ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
     smp = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
-    r_ref = torch.as_tensor(manifold_radii(ref_features, k, block, device), device=device)
-    r_smp = torch.as_tensor(manifold_radii(sample_features, k, block, device), device=device)
+    r_ref = torch.as_tensor(manifold_radii(ref_features, k, block, device, fp16), device=device)
+    r_smp = torch.as_tensor(manifold_radii(sample_features, k, block, device, fp16), device=device)
     smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
     for i in range(0, len(ref), block):
         for j in range(0, len(smp), block):
-            d = _pairwise_sq_dists(ref[i:i + block], smp[j:j + block])        # (refs, samples)
+            d = pairwise_sq_dists(ref[i:i + block], smp[j:j + block], fp16)     # (refs, samples)
             smp_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
             ref_in[i:i + block] |= (d <= r_smp[None, j:j + block]).any(1)
     return smp_in.double().mean().item(), ref_in.double().mean().item()
 
 
 def read_reference(path):
-    """A reference: dict with optional mu, sigma, mu_s, sigma_s (precomputed stats) and images (an image set)."""
-    ref = {}
+    """A reference: dict with optional mu, sigma, mu_s, sigma_s (precomputed stats), the protocol they record and
+    images (an image set)."""
+    ref = {"path": path}
     if os.path.isfile(path) and path.endswith(".npz"):
         with np.load(path) as f:
             keys = set(f.keys())
-            for k in ("mu", "sigma", "mu_s", "sigma_s"):
-                if k in keys:
-                    ref[k] = f[k]
+            ref.update({k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys})
+            if "protocol" in keys:
+                ref["protocol"] = str(f["protocol"])
         if ("mu" in ref) != ("sigma" in ref) or ("mu_s" in ref) != ("sigma_s" in ref):
             raise KeyError(f"{path}: statistics must come in pairs (mu, sigma) and (mu_s, sigma_s); has {sorted(keys)}")
         if "arr_0" in keys:
@@ -583,9 +631,19 @@ def read_reference(path):
     return ref
 
 
-def evaluate_samples(samples, ref, model, dist, batch_size=64, cache_dir=None, k=3):
+def evaluate_samples(samples, ref, model, dist, batch_size=64, cache_dir=None, k=3, pr_fp16=True):
     """Every ADM metric of an image set against a reference (read_reference). Returns (results, notes) on rank 0."""
     notes = []
+    if "mu" in ref or "mu_s" in ref:
+        # Stored statistics are only comparable with features made the same way (resize and scaling).
+        made = ref.get("protocol")
+        if made is None:
+            made = "adm"
+            notes.append(f"{ref.get('path')} records no protocol (as ADM's reference batches): taken as 'adm'")
+        if made != model.protocol:
+            raise ValueError(f"{ref.get('path')} holds statistics made with protocol {made!r}, but this run uses "
+                             f"{model.protocol!r}: use --protocol {made}, or remake the reference with "
+                             f"`evaluate.py stats --protocol {model.protocol}`")
     pool, spatial = extract_features(samples, model, dist, batch_size, cache_dir, desc="sample features")
     ref_pool = ref_spatial = None
     if "images" in ref:
@@ -609,47 +667,54 @@ def evaluate_samples(samples, ref, model, dist, batch_size=64, cache_dir=None, k
             notes.append("reference has neither sFID statistics (mu_s, sigma_s) nor images: sFID skipped")
     notes += sorted({str(w.message) for w in caught})
     results["inception_score"] = inception_score(pool @ model.fc.weight.detach().double().cpu().numpy().T)
-    if ref_pool is not None:
-        results["precision"], results["recall"] = precision_recall(ref_pool, pool, k=k, device=dist.device)
-    else:
-        results["precision"] = results["recall"] = None
+    results["precision"] = results["recall"] = None
+    if ref_pool is None:
         notes.append("reference has no images (arr_0): precision and recall skipped")
+    elif min(len(pool), len(ref_pool)) <= k:
+        notes.append(f"precision and recall skipped: they need more than k = {k} points per set "
+                     f"({len(pool)} samples, {len(ref_pool)} reference images)")
+    else:
+        results["precision"], results["recall"] = precision_recall(ref_pool, pool, k=k, device=dist.device,
+                                                                   fp16=pr_fp16)
     results["num_samples"] = len(pool)
     results["num_reference"] = None if ref_pool is None else len(ref_pool)
     return results, notes
 
 
 #################################################################################
-#                 Reconstruction metrics: PSNR, SSIM (uint8 images)              #
+#                       Reconstruction metrics: SSIM                             #
 #################################################################################
 
-def _gaussian_window(size=11, sigma=1.5, device="cpu"):
-    g = torch.exp(-(torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(x, y, data_range=255.0, window=11, sigma=1.5, k1=0.01, k2=0.03):
+def ssim(x, y, data_range=None, crop=False, k1=0.01, k2=0.03):
     """
-    Per-image SSIM (Wang et al. 2004) of (N, C, H, W) images: Gaussian window 11 / sigma 1.5, K1 0.01, K2 0.03,
-    population statistics, the mean over the valid (unpadded) positions of each channel, then over channels
-    (skimage's structural_similarity(gaussian_weights=True, channel_axis=...), torchmetrics' SSIM).
+    Per-image SSIM (Wang et al. 2004) of (N, C, H, W) images: Gaussian window 11 / sigma 1.5, population statistics,
+    the mean over all positions and channels. The defaults are torchmetrics' (>= 1.5) StructuralSimilarityIndexMeasure
+    as the official EQ-VAE eval.py calls it, one image per call: data_range None = max(range of x, range of y) per
+    image, reflect padding by 5 so the map covers every pixel. data_range (lo, hi) first clamps both to [lo, hi]
+    (LightningDiT's evaluate_tokenizer.py: (-1, 1)); a number is used as is. crop=True averages only the valid
+    (unpadded) positions: skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False).
     """
     x, y = x.double(), y.double()
-    c = x.shape[1]
-    g = _gaussian_window(window, sigma, x.device)
-    wh = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)                          # separable: rows then columns
-    wv = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    if isinstance(data_range, tuple):
+        x, y = x.clamp(*data_range), y.clamp(*data_range)
+        data_range = data_range[1] - data_range[0]
+    elif data_range is None:
+        span = lambda t: t.flatten(1).max(1).values - t.flatten(1).min(1).values
+        data_range = torch.maximum(span(x), span(y)).view(-1, 1, 1, 1)
+    if not crop:
+        x, y = F.pad(x, (5, 5, 5, 5), mode="reflect"), F.pad(y, (5, 5, 5, 5), mode="reflect")
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum()).repeat(x.shape[1], 1, 1, 1)                        # (C, 1, 1, 11), separable
 
     def blur(t):
-        return F.conv2d(F.conv2d(t, wh, groups=c), wv, groups=c)
+        return F.conv2d(F.conv2d(t, g, groups=t.shape[1]), g.transpose(2, 3), groups=t.shape[1])
 
     mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
+    var_x, var_y = (blur(x * x) - mu_x ** 2).clamp_min(0), (blur(y * y) - mu_y ** 2).clamp_min(0)
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=(2, 3)).mean(1)
+    return s.flatten(1).mean(1)
 
 
 #################################################################################
@@ -672,6 +737,14 @@ def knn_distances(points, k, block=2048, device="cpu"):
     return torch.cat(out).numpy()
 
 
+def _drop_duplicates(values, what):
+    # A point with a duplicate has a zero nearest-neighbour distance and a non-finite estimate: it is left out.
+    if not np.all(np.isfinite(values)):
+        warnings.warn(f"{what}: dropping {np.sum(~np.isfinite(values))} duplicate points "
+                      "(zero nearest-neighbour distance)")
+    return values[np.isfinite(values)]
+
+
 def twonn(points, discard_fraction=0.1, device="cpu"):
     """
     TwoNN intrinsic dimension (Facco et al. 2017) of (N, D) points: mu = r2 / r1; the fraction of largest mu is
@@ -680,10 +753,7 @@ def twonn(points, discard_fraction=0.1, device="cpu"):
     """
     r = knn_distances(points, 2, device=device)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mu = r[:, 1] / r[:, 0]
-    if not np.all(np.isfinite(mu)):
-        warnings.warn(f"TwoNN: dropping {np.sum(~np.isfinite(mu))} duplicate points (zero nearest-neighbour distance)")
-        mu = mu[np.isfinite(mu)]
+        mu = _drop_duplicates(r[:, 1] / r[:, 0], "TwoNN")
     n = len(mu)
     keep = int(n * (1 - discard_fraction))
     if keep < 2:
@@ -701,7 +771,10 @@ def mle_id(points, k=20, device="cpu"):
     correction; scikit-dimension's MLE default comb='mle').
     """
     t = knn_distances(points, k, device=device)
-    inv = np.log(t[:, -1:] / t[:, :-1]).sum(1) / (k - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = _drop_duplicates(np.log(t[:, -1:] / t[:, :-1]).sum(1) / (k - 1), "MLE")
+    if not len(inv):
+        raise ValueError("MLE: every point has a duplicate")
     return float(1.0 / inv.mean())
 
 
@@ -808,40 +881,50 @@ def autoencoder_loader(args, dist):
 
 
 def cmd_fid(args, dist):
-    model = load_inception(args.inception).to(dist.device)
-    samples = open_images(args.samples)
-    ref = read_reference(args.reference)
-    results, notes = evaluate_samples(samples, ref, model, dist, args.batch_size, args.cache_dir)
+    model = load_inception(args.inception, args.protocol).to(dist.device)
+    samples, ref = open_images(args.samples), read_reference(args.reference)
+    results, notes = evaluate_samples(samples, ref, model, dist, args.batch_size, args.cache_dir,
+                                      pr_fp16=args.pr_distances == "fp16")
     if dist.is_main:
-        report(results, notes, f"{args.samples} vs {args.reference}")
+        report(results, notes, f"{args.samples} vs {args.reference} (protocol {args.protocol})")
 
 
 def cmd_stats(args, dist):
-    model = load_inception(args.inception).to(dist.device)
+    model = load_inception(args.inception, args.protocol).to(dist.device)
     images = open_images(args.images)
     pool, spatial = extract_features(images, model, dist, args.batch_size, args.cache_dir)
     if not dist.is_main:
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mu, sigma = compute_statistics(pool)
-        mu_s, sigma_s = compute_statistics(spatial)
-    extra = {}
-    if args.keep_images:
-        # A complete ADM reference batch also holds images (arr_0), which precision/recall need.
-        extra["arr_0"] = images.read(0, min(args.keep_images, len(images)))
+        stats = dict(zip(("mu", "sigma", "mu_s", "sigma_s"), compute_statistics(pool) + compute_statistics(spatial)))
+    # An ADM reference batch: arr_0 (uint8 NHWC; ADM keeps 10K images for precision/recall) beside the statistics
+    # of every image, which ADM's evaluator takes instead of recomputing them; `protocol` records how they were made.
+    kept = images.read(0, min(args.keep_images, len(images))) if args.keep_images > 0 else None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    data.save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, **extra)
-    report({"out": args.out, "num_images": len(pool), "images_kept": len(extra.get("arr_0", []))},
-           sorted({str(w.message) for w in caught}), f"statistics of {args.images}")
+    data.save_npz(args.out, kept, **stats, protocol=np.array(args.protocol))
+    report({"out": args.out, "num_images": len(pool), "images_kept": 0 if kept is None else len(kept),
+            "protocol": args.protocol}, sorted({str(w.message) for w in caught}), f"statistics of {args.images}")
+
+
+def posterior_sample(vae, x, first_index, seed):
+    """The official eval.py's latent, a posterior sample (a VQ-GAN's latent quantises in decoder_fn), with noise
+    from a generator seeded by (seed, image index), so the numbers do not depend on batches or processes."""
+    if is_vq(vae):
+        return vae.encode(x)
+    post = vae.encode(x)
+    eps = torch.stack([torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(
+        seed * 1_000_003 + first_index + i)) for i in range(len(x))])
+    return post.mean + post.std * eps.to(post.mean)
 
 
 @torch.no_grad()
 def cmd_recon(args, dist):
     vae, dataset, loader = autoencoder_loader(args, dist)
-    inception = None if args.no_fid else load_inception(args.inception).to(dist.device)
+    # rFID as the official eval.py: pytorch-fid's calculate_fid_given_paths on the PNGs, i.e. its preprocessing.
+    inception = None if args.no_fid else load_inception(args.inception, "pytorch-fid").to(dist.device)
     lpips = None if args.no_lpips else checkpoints.load_lpips(args.lpips_vgg, args.lpips_lin).to(dist.device)
-    encode, decode = encoder_fn(vae, "sample"), decoder_fn(vae)
+    decode = decoder_fn(vae)
     if args.save_png and dist.is_main:
         for sub in ("ref", "recon"):
             os.makedirs(os.path.join(args.save_png, sub), exist_ok=True)
@@ -850,11 +933,14 @@ def cmd_recon(args, dist):
     for x, _ in tqdm(loader, desc="recon", disable=not dist.is_main, file=sys.stderr, leave=False):
         x = x.to(dist.device)
         with train_utils.autocast(args.precision, dist.device):
-            x_hat = decode(encode(x)).float()                  # LightningDiT/EQ-VAE protocol: posterior sample
-        ref8, rec8 = data.to_uint8(x), data.to_uint8(x_hat)  # metrics on the uint8 images that PNGs would hold
-        cols = [psnr(rec8, ref8), ssim(rec8, ref8)]
+            x_hat = decode(posterior_sample(vae, x, index, args.seed)).float()
+        ref8, rec8 = data.to_uint8(x), data.to_uint8(x_hat)  # the uint8 images the official PNGs hold
+        # PSNR on those uint8 images; SSIM (torchmetrics, lightningdit) and LPIPS on the float decoder output.
+        s = ssim(rec8, ref8, 255.0, crop=True) if args.ssim == "skimage" else \
+            ssim(x_hat, x, (-1.0, 1.0) if args.ssim == "lightningdit" else None)
+        cols = [psnr(rec8, ref8), s]
         if lpips is not None:
-            cols.append(lpips(x_hat, x).double().flatten())  # (official eval: LPIPS on the float decoder output)
+            cols.append(lpips(x_hat, x).double().flatten())
         if inception is not None:
             cols += [t.double() for t in (inception(ref8)[0], inception(rec8)[0])]
         rows.append(torch.cat([c.view(len(x), -1).cpu() for c in cols], 1).numpy())
@@ -868,18 +954,16 @@ def cmd_recon(args, dist):
     if not dist.is_main:
         return
     results = {"psnr": float(rows[:, 0].mean()), "ssim": float(rows[:, 1].mean())}
-    col = 2
     if lpips is not None:
-        results["lpips"] = float(rows[:, col].mean())
-        col += 1
-    notes = []
+        results["lpips"] = float(rows[:, 2].mean())
+    notes = [f"SSIM as {args.ssim}; latents: posterior samples seeded by (--seed {args.seed}, image index)"]
     if inception is not None:
+        col = 3 if lpips is not None else 2
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ref_stats = compute_statistics(rows[:, col:col + 2048])
-            rec_stats = compute_statistics(rows[:, col + 2048:col + 4096])
+            results["rfid"] = frechet_distance(*compute_statistics(rows[:, col + 2048:col + 4096]),
+                                               *compute_statistics(rows[:, col:col + 2048]))
         notes += sorted({str(w.message) for w in caught})
-        results["rfid"] = frechet_distance(*rec_stats, *ref_stats)
     results["num_images"] = len(rows)
     report(results, notes, f"reconstruction of {args.data} by {args.vae}")
 
@@ -1009,6 +1093,10 @@ def main(argv=None):
         if inception:
             p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS_FILE} (default: torch hub cache)")
             p.add_argument("--cache-dir", default=None, help="keep features per chunk here; a rerun resumes")
+        if inception and not vae:
+            p.add_argument("--protocol", choices=PROTOCOLS, default="adm",
+                           help="adm: ADM evaluator's TF1 resize and (x - 128) / 128 (the papers' tables); "
+                                "pytorch-fid: torch bilinear resize and 2x - 1")
         if vae:
             p.add_argument("--vae", required=vae is True, default=None, help="autoencoder checkpoint or folder")
             p.add_argument("--data", default=None, help="'synthetic' or an ImageFolder path")
@@ -1025,11 +1113,13 @@ def main(argv=None):
     p.add_argument("samples", help="ADM .npz (arr_0 uint8 NHWC) or folder of images")
     p.add_argument("reference", help="ADM reference .npz (mu, sigma, [mu_s, sigma_s], [arr_0]), .npz or folder")
     common(p, inception=True)
+    p.add_argument("--pr-distances", choices=["fp16", "fp32"], default="fp16",
+                   help="precision/recall distances: fp16 as ADM's evaluator (fp32 where it overflows), or fp32")
 
     p = sub.add_parser("stats", help="reference statistics (ADM layout: mu, sigma, mu_s, sigma_s)")
     p.add_argument("images")
     p.add_argument("--out", required=True)
-    p.add_argument("--keep-images", type=int, default=0, help="also store the first K images as arr_0 (for P/R)")
+    p.add_argument("--keep-images", type=int, default=10000, help="store the first K images as arr_0 (P/R; 0: none)")
     common(p, inception=True)
 
     p = sub.add_parser("recon", help="rFID, PSNR, SSIM, LPIPS of an autoencoder's reconstructions")
@@ -1039,6 +1129,9 @@ def main(argv=None):
     p.add_argument("--lpips-vgg", default=None, help="vgg16-397923af.pth (default: torch hub cache)")
     p.add_argument("--lpips-lin", default=None, help="LPIPS v0.1 vgg.pth lin layers (default: torch hub cache)")
     p.add_argument("--save-png", default=None, help="folder for ref/ and recon/ PNG dumps")
+    p.add_argument("--ssim", choices=["torchmetrics", "lightningdit", "skimage"], default="torchmetrics",
+                   help="torchmetrics: official EQ-VAE eval; lightningdit: data_range (-1, 1); skimage: on uint8")
+    p.add_argument("--seed", type=int, default=0, help="seeds each image's posterior sample with its index")
 
     p = sub.add_parser("equivariance", help="equivariance error Delta (App. C.3)")
     common(p, vae=True)

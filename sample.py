@@ -1,6 +1,7 @@
 """
 Stage 3: sample images from a trained or official class-conditional model, across GPUs, to a PNG grid and the
-ADM-format .npz that the FID evaluators read (arr_0: uint8 (N, H, W, 3), exactly N images; arr_1: their labels).
+ADM-format .npz that the FID evaluators read (arr_0: uint8 (N, H, W, 3), exactly N images; arr_1: their labels),
+named by --out; --save-png DIR also writes them as a folder of PNGs.
 
     torchrun --nproc_per_node=8 sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \
         --num-samples 50000 --cfg-scale 1.5
@@ -24,6 +25,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import checkpoints
@@ -330,6 +332,13 @@ def main(args):
         arr = data.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()          # (n, H, W, 3) uint8 (ADM layout)
         data.save_npz(os.path.join(out_dir, f"{b:06d}.npz"), arr, arr_1=labels.cpu().numpy(),
                       recipe=np.array(json.dumps(recipe)))  # atomic; the recipe says which run may reuse it
+    if args.save_png:
+        # The same images as a folder (000000.png, ...), the input pytorch-fid, clean-fid and torch-fidelity take;
+        # each rank writes its own batches, from the shards, so a rerun also fills in ones sampled before.
+        os.makedirs(args.save_png, exist_ok=True)
+        for b in mine:
+            for i, im in enumerate(np.load(os.path.join(out_dir, f"{b:06d}.npz"))["arr_0"]):
+                Image.fromarray(im).save(os.path.join(args.save_png, f"{b * args.per_proc_batch_size + i:06d}.png"))
     tu.barrier()
 
     # Gather the shards into one .npz with exactly num_samples images, and a grid of the first ones:
@@ -339,10 +348,14 @@ def main(args):
         images = np.concatenate([s["arr_0"] for s in shards])[: args.num_samples]
         labels = np.concatenate([s["arr_1"] for s in shards])[: args.num_samples]
         assert images.shape == (args.num_samples, args.image_size, args.image_size, 3), images.shape
-        npz_path = data.save_npz(f"{out_dir}.npz", images, arr_1=labels)
+        npz_path = args.out or f"{out_dir}.npz"
+        os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
+        data.save_npz(npz_path, images, arr_1=labels)
         grid = torch.from_numpy(images[: args.grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        data.save_image_grid(grid, f"{out_dir}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
-        logger.info(f"Done: {npz_path} [arr_0 {images.shape} uint8, arr_1 labels] and the grid {out_dir}.png")
+        grid_path = os.path.splitext(npz_path)[0] + ".png"
+        data.save_image_grid(grid, grid_path, nrow=int(math.ceil(math.sqrt(len(grid)))))
+        logger.info(f"Done: {npz_path} [arr_0 {images.shape} uint8, arr_1 labels] and the grid {grid_path}"
+                    + (f"; PNGs in {args.save_png}/" if args.save_png else ""))
     tu.barrier()
     return out_dir
 
@@ -383,7 +396,10 @@ def get_args(argv=None):
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast for the model (the reference samples in fp32/TF32)")
-    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--sample-dir", type=str, default="samples", help="shards go to SAMPLE_DIR/<run name>/")
+    parser.add_argument("--out", type=str, default=None, help="the .npz to write (default: SAMPLE_DIR/<run name>.npz)")
+    parser.add_argument("--save-png", type=str, default=None, metavar="DIR",
+                        help="also write the images as DIR/000000.png, ... (pytorch-fid, clean-fid, torch-fidelity)")
     parser.add_argument("--grid-size", type=int, default=64, help="images in the PNG grid")
     return tu.apply_preset(parser.parse_args(argv), parser, PRESETS, argv)
 

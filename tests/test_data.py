@@ -387,11 +387,16 @@ def test_save_image_grid(tmp_path):
 def test_resize_center_is_torchvision_resize_then_center_crop(tmp_path):
     """The reconstruction-eval pipeline: short side resized to the size, then the central square."""
     from PIL import Image
+    from torchvision import transforms
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
     x = data.ImageTransform(32, "resize_center")(Image.open(tmp_path / "a.png"))
     assert x.shape == (3, 32, 32)
+    # The official EQ-VAE eval.py's transform, exactly: resized as a float tensor, not quantised.
+    official = transforms.Compose([transforms.ToTensor(), transforms.Resize(32), transforms.CenterCrop(32),
+                                   transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])])
+    assert torch.equal(x, official(Image.open(tmp_path / "a.png")))
     # Independent route: PIL bilinear resize to 48x32 (short side 32), then crop columns 8..40.
     ref = np.asarray(Image.fromarray(arr).resize((48, 32), Image.BILINEAR))[:, 8:40]
     got = data.to_uint8(x).permute(1, 2, 0).numpy()

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoints
 import models
@@ -122,3 +123,13 @@ def test_maskgit_end_to_end_npz(tmp_path):
     out = np.load(tmp_path / "s" / npz)
     assert out["arr_0"].shape == (3, 64, 64, 3) and out["arr_0"].dtype == np.uint8 and out["arr_1"].max() < 10
     assert os.path.exists(tmp_path / "s" / (npz[:-4] + ".png"))
+    # --out names the .npz (the grid goes beside it); --save-png also writes the images as a folder of PNGs, the
+    # same pixels, for pytorch-fid / clean-fid / torch-fidelity. The shards are reused: nothing is sampled again.
+    subprocess.run(cmd + ["--out", str(tmp_path / "named" / "samples.npz"), "--save-png", str(tmp_path / "png")],
+                   cwd=ROOT, check=True, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    named = np.load(tmp_path / "named" / "samples.npz")
+    np.testing.assert_array_equal(named["arr_0"], out["arr_0"])
+    assert os.path.exists(tmp_path / "named" / "samples.png")
+    assert sorted(os.listdir(tmp_path / "png")) == ["000000.png", "000001.png", "000002.png"]
+    pngs = np.stack([np.asarray(Image.open(tmp_path / "png" / f"{i:06d}.png")) for i in range(3)])
+    np.testing.assert_array_equal(pngs, out["arr_0"])
