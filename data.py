@@ -16,6 +16,7 @@ import math
 import os
 import random
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -80,6 +81,104 @@ def save_npz(path, images=None, **arrays):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+#################################################################################
+#          Image sets for the metrics: ADM .npz files and image folders         #
+#################################################################################
+# An image set is anything with len() and read(start, end) -> uint8 (n, H, W, 3). ADM .npz files (arr_0, uint8
+# NHWC) are streamed from the zip member rather than loaded whole: 50K images at 512 px are 39 GB.
+
+class NpzImages:
+    """The arr_0 array of an ADM .npz, read in slices."""
+    def __init__(self, path):
+        self.path = path
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not an .npz archive (a truncated or foreign file?); expected an ADM .npz with "
+                             f"arr_0 (uint8 N x H x W x 3)")
+        with zipfile.ZipFile(path) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                raise KeyError(f"{path} holds no images: no arr_0 (keys: {[n[:-4] for n in zf.namelist()]})")
+            with zf.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"arr_0 in {path}: unsupported .npy format version {version}")
+                self.offset = f.tell()
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"arr_0 in {path} has shape {shape}; "
+                             "expected (N, H, W, 3) uint8 images (ADM layout, NHWC)")
+        if dtype != np.uint8:
+            raise ValueError(f"arr_0 in {path} has dtype {dtype}; expected uint8 in [0, 255] (ADM layout). "
+                             "Convert with np.clip(127.5 * x + 128, 0, 255).astype(np.uint8) for images in [-1, 1].")
+        if fortran:
+            raise ValueError(f"arr_0 in {path} is stored in Fortran order; save it C-contiguous")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.image_size = self.shape[1:3]
+        self._file, self._pos = None, None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, start, end):
+        item = int(np.prod(self.shape[1:]))
+        if self._file is None or self._pos > start:      # (re)open: zip members only seek forward cheaply
+            self.close()
+            self._zip = zipfile.ZipFile(self.path)
+            self._file = self._zip.open("arr_0.npy")
+            self._file.seek(self.offset)
+            self._pos = 0
+        if self._pos < start:
+            self._file.seek(self.offset + start * item)
+        buf = self._file.read((end - start) * item)
+        self._pos = end
+        return np.frombuffer(buf, dtype=np.uint8).reshape(end - start, *self.shape[1:])
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._zip.close()
+            self._file = None
+
+
+class FolderImages:
+    """Every image under a folder (recursive, sorted paths), all of one size, as uint8 RGB."""
+    def __init__(self, root):
+        self.path = root
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                            if f.lower().endswith(IMG_EXTENSIONS))
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+        with Image.open(self.files[0]) as im:
+            self.size = im.size
+        self.image_size = self.size[::-1]
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, start, end):
+        out = []
+        for f in self.files[start:end]:
+            with Image.open(f) as im:
+                if im.size != self.size:
+                    raise ValueError(f"images in {self.path} differ in size: {self.files[0]} is {self.size}, "
+                                     f"{f} is {im.size}; center-crop them to one size first")
+                out.append(np.asarray(to_rgb8(im)))
+        return np.stack(out)
+
+
+def open_images(path):
+    """An image set from an ADM .npz (arr_0) or a folder of images."""
+    if os.path.isdir(path):
+        return FolderImages(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file or folder (expected an ADM .npz or a folder of images)")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: expected an ADM .npz (arr_0 uint8 NHWC) or a folder of images")
+    return NpzImages(path)
 
 
 #################################################################################

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from evaluate import compute_statistics, frechet_distance, open_images, plot_curves, report
+from data import open_images
+from evaluate import compute_statistics, frechet_distance, plot_curves, report
 
 
 #################################################################################

@@ -229,22 +229,22 @@ def test_npz_write_read_and_bad_input(tmp_path):
     data.save_npz(tmp_path / "s.npz", images, arr_1=np.arange(7))
     with np.load(tmp_path / "s.npz") as f:                  # ADM layout: arr_0 uint8 NHWC
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (7, 8, 8, 3)
-    reader = evaluate.open_images(str(tmp_path / "s.npz"))
+    reader = data.open_images(str(tmp_path / "s.npz"))
     assert len(reader) == 7 and reader.image_size == (8, 8)
     for a, b in [(2, 5), (5, 7), (0, 3), (3, 3)]:           # forward, then backward (reopens the member)
         np.testing.assert_array_equal(reader.read(a, b), images[a:b])
     np.savez_compressed(tmp_path / "c.npz", arr_0=images)
-    np.testing.assert_array_equal(evaluate.open_images(str(tmp_path / "c.npz")).read(4, 6), images[4:6])
+    np.testing.assert_array_equal(data.open_images(str(tmp_path / "c.npz")).read(4, 6), images[4:6])
 
     np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match="dtype float32.*uint8"):
-        evaluate.open_images(str(tmp_path / "float.npz"))
+        data.open_images(str(tmp_path / "float.npz"))
     np.savez(tmp_path / "nchw.npz", arr_0=images.transpose(0, 3, 1, 2).copy())
     with pytest.raises(ValueError, match="NHWC"):
-        evaluate.open_images(str(tmp_path / "nchw.npz"))
+        data.open_images(str(tmp_path / "nchw.npz"))
     np.savez(tmp_path / "labels.npz", labels=np.arange(3))
     with pytest.raises(KeyError, match="arr_0"):
-        evaluate.open_images(str(tmp_path / "labels.npz"))
+        data.open_images(str(tmp_path / "labels.npz"))
     with pytest.raises(ValueError, match="uint8"):
         data.save_npz(tmp_path / "x.npz", images.astype(np.float32))
     with pytest.raises(KeyError, match="mu, sigma"):
@@ -257,11 +257,11 @@ def test_folder_images(tmp_path):
     os.makedirs(tmp_path / "a" / "sub")
     for i, im in enumerate(images):
         Image.fromarray(im).save(tmp_path / "a" / ("sub" if i == 2 else "") / f"{i}.png")
-    reader = evaluate.open_images(str(tmp_path / "a"))
+    reader = data.open_images(str(tmp_path / "a"))
     np.testing.assert_array_equal(reader.read(0, 3), images)    # 0.png, 1.png, sub/2.png
     Image.fromarray(random_images(1, 9)[0]).save(tmp_path / "a" / "3.png")
     with pytest.raises(ValueError, match="differ in size"):
-        evaluate.open_images(str(tmp_path / "a")).read(0, 4)
+        data.open_images(str(tmp_path / "a")).read(0, 4)
 
 
 #################################################################################

@@ -214,7 +214,7 @@ def test_symlink_loops_corrupt_files_and_bad_options_are_named(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     import evaluate
     with pytest.raises(ValueError, match="bad.npz is not an .npz archive"):
-        evaluate.open_images(str(tmp_path / "bad.npz"))
+        data.open_images(str(tmp_path / "bad.npz"))
     vae = models.KLVAE_models["tiny"]()
     with pytest.raises(ValueError, match="--image-size 60 is not a multiple of 8 .*use 56 or 64"):
         tu.check_resolution(60, vae)
