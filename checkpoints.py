@@ -145,6 +145,51 @@ def find_weights(filename, url, path=None, flag=None):
     return cached
 
 
+# The tiny base autoencoders this project trained itself (the commands that made them: assets/README.md): what the
+# tiny presets fine-tune and train their generators on, so the CPU-sized runs show the method on a trained model.
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+TINY_BASE = {"kl": os.path.join(ASSETS, "tiny-kl-f8.safetensors"), "vq": os.path.join(ASSETS, "tiny-vq-f8.safetensors")}
+
+# DiT's sample.py / train.py names for the SD-VAE fine-tunes it trains on (--vae ema | mse).
+HUB_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def resolve_hub(spec, flag="--vae"):
+    """
+    A local path for a Hugging Face model ID ("zelaki/eq-vae", or DiT's aliases ema / mse): its snapshot in the local
+    Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub: models--org--name/snapshots/<rev>,
+    the revision refs/main names), else a download by huggingface_hub when it is installed and a network answers
+    (optional: never required). A spec that exists on disk, or has no org/name form, is returned as it is.
+    """
+    if os.path.exists(spec):
+        return spec
+    spec = HUB_ALIASES.get(spec, spec)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    repo = os.path.join(cache, "models--" + spec.replace("/", "--"))
+    ref = os.path.join(repo, "refs", "main")
+    snapshots = os.path.join(repo, "snapshots")
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            rev = f.read().strip()
+        if os.path.isdir(os.path.join(snapshots, rev)):
+            return os.path.join(snapshots, rev)
+    if os.path.isdir(snapshots) and os.listdir(snapshots):
+        return os.path.join(snapshots, sorted(os.listdir(snapshots))[-1])
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(spec)
+    except Exception as e:  # not installed, offline, no such repo
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if not isinstance(e, ImportError) else \
+            "huggingface_hub is not installed"
+        raise FileNotFoundError(f"{flag} {spec}: not in the Hugging Face cache ({repo}) and not downloadable here "
+                                f"({why}). Download it where a network is (huggingface-cli download {spec}) and copy "
+                                f"the cache folder there, or pass a local folder: {flag} /path/to/{spec.split('/')[1]}") \
+            from None
+
+
 class CheckpointMismatchError(KeyError, ValueError):
     """A state dict that does not fit the model built for it (a KeyError for the keys, a ValueError for shapes)."""
     def __str__(self):
@@ -483,6 +528,7 @@ def load_autoencoder(path, ema=False, scaling_factor=None, shift_factor=None, lo
     override the latent normalisation the file carries (or, for weights-only files, the one of their family);
     log: a function told how a weights-only file's normalisation was chosen.
     """
+    path = resolve_hub(path)
     sd, config, diffusers_config, _ = _read_checkpoint(path, ema)
     source, raw_keys = str(path), list(sd)
     sd = _strip_prefixes(sd)
@@ -557,14 +603,20 @@ def save_ldm(vae, path, discriminator=None):
     ae.safetensors layout); our config rides along ("config" key / safetensors metadata), ignored by LDM's loader.
     discriminator: also store a PatchGAN as loss.discriminator.*, as LDM's training checkpoints do, so a fine-tune
     of this file starts with it (init_training_state); load_autoencoder ignores it."""
-    config = dict(vae.config)
-    sd = _export_state_dict(vae)
+    return _save_state_dict(path, _export_state_dict(vae), discriminator, dict(vae.config))
+
+
+def _save_state_dict(path, sd, discriminator=None, config=None):
+    """{"state_dict": sd[, "config"]} as a .ckpt, or a flat .safetensors with the config in its metadata; the
+    discriminator's weights as loss.discriminator.*; atomically."""
     if discriminator is not None:
         sd.update({f"loss.discriminator.{k}": v for k, v in _export_state_dict(discriminator).items()})
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
-        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "config": json.dumps(config)}))
-    return atomic_write(path, lambda tmp: torch.save({"state_dict": sd, "config": config}, tmp))
+        meta = {"format": "pt", **({"config": json.dumps(config)} if config is not None else {})}
+        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": sd, **({"config": config} if config else {})},
+                                                     tmp))
 
 
 def set_latent_norm(path, norm):
@@ -586,9 +638,16 @@ def set_latent_norm(path, norm):
         raise ValueError(f"{path}: only an export of this project (a diffusers folder, or an LDM file save_ldm wrote) "
                          f"is updated in place; convert it first (python checkpoints.py convert {path} OUT --to "
                          f"diffusers), or pass the values as --scaling-factor / --shift-factor")
-    vae = load_autoencoder(path)
-    vae.config.update(norm)
-    return save_ldm(vae, path)
+    config = dict(load_autoencoder(path).config, **norm)  # the file's config, validated by loading it
+    # Only the config changes: every tensor stays as stored (its dtype, the discriminator a fine-tune starts from).
+    if path.endswith(".safetensors"):
+        tensors, meta = _read_state_dict_file(path)
+        from safetensors.torch import save_file
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(meta, config=json.dumps(config))))
+    else:
+        ckpt = torch_load(path)
+        atomic_write(path, lambda tmp: torch.save(dict(ckpt, config=config), tmp))
+    return path
 
 
 def init_training_state(path, autoencoder, discriminator):
@@ -605,9 +664,10 @@ def init_training_state(path, autoencoder, discriminator):
     out = {"disc": None, "opt_ae": None, "opt_disc": None, "global_step": None}
     if os.path.isdir(path):
         path = find_vqgan_checkpoint(path) or path
-    if os.path.isdir(path) or not path.endswith((".ckpt", ".pt", ".pth")):
+    path = resolve_hub(path)
+    if os.path.isdir(path) or not path.endswith((".ckpt", ".pt", ".pth", ".safetensors")):
         return dict(out, note=f"{path} holds the autoencoder's weights only")
-    ckpt = torch_load(path)
+    ckpt = {"state_dict": _read_state_dict_file(path)[0]} if path.endswith(".safetensors") else torch_load(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):  # this project's training checkpoint
         ours = {"disc": ckpt.get("disc"), "opt_ae": ckpt.get("opt"), "opt_disc": ckpt.get("opt_disc")}
         return dict(out, **ours, global_step=ckpt.get("step"), note=f"{path}: a finetune_eqvae.py checkpoint")
@@ -725,12 +785,10 @@ def find_vqgan_checkpoint(folder):
 
 def save_taming(vq, path, discriminator=None):
     """Write vq in taming's layout ({"state_dict": ...}) that taming's VQModel.init_from_ckpt and MaskGIT-pytorch
-    read (the architecture is read back off the shapes); atomically (an interrupted save leaves the previous file).
-    discriminator: also store a PatchGAN as loss.discriminator.*, as taming's last.ckpt does."""
-    sd = _export_state_dict(vq)
-    if discriminator is not None:
-        sd.update({f"loss.discriminator.{k}": v for k, v in _export_state_dict(discriminator).items()})
-    return atomic_write(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
+    read (the architecture is read back off the shapes); atomically (an interrupted save leaves the previous file);
+    a .safetensors path gives the same keys, flat. discriminator: also store a PatchGAN as loss.discriminator.*, as
+    taming's last.ckpt does."""
+    return _save_state_dict(path, _export_state_dict(vq), discriminator)
 
 
 #################################################################################
@@ -917,7 +975,8 @@ def main(argv=None):
     p = sub.add_parser("convert", help="convert an autoencoder to another format")
     p.add_argument("src", help="anything load_autoencoder reads: diffusers folder, LDM / taming / own checkpoint")
     p.add_argument("dst", help="output folder (diffusers) or file (.ckpt / .pt / .safetensors)")
-    p.add_argument("--to", required=True, choices=["diffusers", "ldm", "taming"])
+    p.add_argument("--to", required=True, choices=["diffusers", "ldm", "taming"],
+                   help="diffusers folder, LDM checkpoint (KL) or taming checkpoint (VQ-GAN)")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":

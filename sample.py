@@ -5,7 +5,7 @@ named by --out; --save-png DIR also writes them as a folder of PNGs.
 
     torchrun --nproc_per_node=8 sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \
         --num-samples 50000 --cfg-scale 1.5
-    python sample.py --preset tiny --ckpt results/DiT-T-2/checkpoints/0000200.pt
+    python sample.py --preset tiny --ckpt results/001-DiT-T-2/checkpoints/0000200.pt
 
 Each batch of images is a function of (seed, batch index) alone and is written as its own shard, so the result does
 not depend on the number of processes and an interrupted run picks up the shards it already wrote.
@@ -364,18 +364,20 @@ def get_args(argv=None):
     """Command-line options; the defaults are DiT's FID-50K protocol (sample_ddp.py): 250 ancestral steps, cfg 1.5,
     50,000 samples; unset sampling options take each family's published settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", type=str, choices=sorted(PRESETS), default=None)
+    parser.add_argument("--preset", type=str, choices=sorted(PRESETS), default=None, help=tu.describe_presets(PRESETS))
     parser.add_argument("--model", type=str, default=None, help="DiT-XL/2, SiT-XL/2, maskgit-256, ... (default: "
                         "what the checkpoint records; official checkpoints need it)")
     parser.add_argument("--ckpt", type=str, required=True, help="official weights or a train_dit.py checkpoint")
     parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
                         help="which weights of a training checkpoint (official files hold one set)")
     parser.add_argument("--vae", type=str, default=None,
-                        help="autoencoder the model was trained on (default: the one the checkpoint records)")
+                        help="autoencoder the model was trained on (default: the one the checkpoint records); a "
+                             "path, a Hugging Face ID, or DiT's ema / mse (stabilityai/sd-vae-ft-ema / -mse)")
     tu.add_latent_norm_args(parser)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--num-samples", type=tu.positive_int, default=50_000, help="images to draw (FID: 50K)")
+    parser.add_argument("--image-size", type=int, default=256, help="the resolution the model was trained at")
+    parser.add_argument("--num-classes", type=int, default=1000, help="class labels of the model (ImageNet: 1000)")
+    parser.add_argument("--num-samples", "--num-fid-samples", dest="num_samples", type=tu.positive_int,
+                        default=50_000, help="images to draw (FID: 50K; --num-fid-samples: DiT's sample_ddp.py name)")
     parser.add_argument("--per-proc-batch-size", type=tu.positive_int, default=32, help="images per GPU and batch")
     parser.add_argument("--class-labels", type=str, default=None, help="e.g. 207,360,387 (cycled); default uniform")
     parser.add_argument("--cfg-scale", type=float, default=None,
@@ -393,7 +395,7 @@ def get_args(argv=None):
                         help="guide only for t >= this (t in [0, 1], 0 = data; DiT: t = timestep / 1000)")
     parser.add_argument("--guidance-high", type=float, default=None,
                         help="guide only for t <= this (REPA's guidance interval: 0.7; default 1: every step)")
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--global-seed", type=int, default=0, help="batch b is drawn from seed * 1000003 + b")
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast for the model (the reference samples in fp32/TF32)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="shards go to SAMPLE_DIR/<run name>/")

@@ -14,6 +14,7 @@ from copy import deepcopy
 
 import torch
 
+import checkpoints
 import data
 import models
 import train_utils as tu
@@ -23,9 +24,10 @@ import train_utils as tu
 #                                  Training Loop                                #
 #################################################################################
 
-# --preset tiny: a CPU-sized run on the built-in synthetic data (every stage has one).
+# --preset tiny: a CPU-sized run on the built-in synthetic data (every stage has one), on the latents of the tiny
+# autoencoder in assets/ (or --vae: finetune_eqvae.py --preset tiny's export, say).
 PRESETS = {
-    "tiny": dict(data="synthetic", num_images=256, image_size=64, num_classes=10, model="DiT-T/2", vae="tiny",
+    "tiny": dict(data="synthetic", num_images=256, image_size=64, num_classes=10, model="DiT-T/2", vae=checkpoints.TINY_BASE["kl"],
                  global_batch_size=16, max_steps=200, log_every=20, ckpt_every=100, num_workers=0,
                  # A few hundred steps: the papers' lr 1e-4 barely moves a tiny model and EMA 0.9999 would
                  # average over 10K steps, so the EMA weights would still be the initial ones.
@@ -78,6 +80,8 @@ def main(args):
         vae = vae.cpu()  # not needed on the accelerator any more
     loader = tu.ResumableLoader(dataset, batch_size=batch_size, seed=args.global_seed,
                                 num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if args.epochs is not None:  # DiT's --epochs: steps follow from the dataset size
+        args.max_steps = args.epochs * len(loader)
     logger.info(f"Dataset: {len(dataset):,} {'cached latents' if args.cache_latents else 'images'} ({args.data}), "
                 f"batch {batch_size} per rank")
 

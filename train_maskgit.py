@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import models
 import train_utils as tu
@@ -61,12 +62,12 @@ def main(args):
     exp = tu.setup_experiment(args.results_dir, args.model, args.resume, dist, precision, args, RESUME_KEYS)
     logger = exp.logger
 
-    # Tokenise the dataset once (image + mirror), or reuse the cache. The frozen tokeniser: --vqgan PATH, or for
-    # --preset tiny without one a random-weight tiny VQ-GAN (a pipeline check), saved in the run folder.
-    if args.vqgan is None and args.preset != "tiny":
-        raise SystemExit("--vqgan is required: a VQ-GAN checkpoint (taming / MaskGIT-pytorch last.ckpt, or one from "
+    # Tokenise the dataset once (image + mirror), or reuse the cache, with the frozen tokeniser --vqgan (a checkpoint,
+    # or the name of a VQGAN_models config for random weights: a pipeline check).
+    if args.vqgan is None:
+        raise ValueError("--vqgan is required: a VQ-GAN checkpoint (taming / MaskGIT-pytorch last.ckpt, or one from "
                          "finetune_eqvae.py --model vq); or use --preset tiny")
-    vq, vq_name = tu.load_frozen_autoencoder(args.vqgan or "tiny", "vq", exp, device, seed=args.global_seed)
+    vq, vq_name = tu.load_frozen_autoencoder(args.vqgan, "vq", exp, device, seed=args.global_seed)
     tu.check_resolution(args.resolution, vq, flag="--resolution")
     dataset = data.build_dataset(args.data, args.resolution, "center", num_images=args.num_images)
     cache_dir = args.cache or os.path.join(
@@ -171,10 +172,10 @@ def main(args):
 #################################################################################
 
 PRESETS = {
-    # CPU-sized: a random tiny VQ-GAN (8 x 8 tokens of 256 codes at 64 px) unless --vqgan is given, the tiny
+    # CPU-sized: the tiny VQ-GAN of assets/ (8 x 8 tokens of 256 codes at 64 px) unless --vqgan is given, the tiny
     # transformer, 1,024 synthetic images; lr 1e-3 with a short warmup so a few hundred steps show learning.
-    "tiny": dict(data="synthetic", resolution=64, model="maskgit-tiny", global_batch_size=16, lr=1e-3, warmup=20,
-                 max_steps=300, num_images=1024, log_every=20, ckpt_every=100, num_workers=0, ema_decay=0.999,
+    "tiny": dict(data="synthetic", resolution=64, model="maskgit-tiny", vqgan=checkpoints.TINY_BASE["vq"],
+                 global_batch_size=16, lr=1e-3, warmup=20, max_steps=300, num_images=1024, log_every=20, ckpt_every=100, num_workers=0, ema_decay=0.999,
                  cache_shard_size=256, cache_batch_size=32),
 }
 
@@ -186,25 +187,26 @@ def get_parser():
     # The global seed 42 is the reference's main.py's (it trains with fp16 autocast + GradScaler).
     tu.add_run_args(p, PRESETS, seed=42, log_every=100, ckpt_every=10_000, keep_last=3,
                     data_help="image folder (ImageNet train) or 'synthetic'")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=256, help="image size (256: 16 x 16 tokens of the f16 VQ-GAN)")
     p.add_argument("--vqgan", type=str, default=None, help="frozen VQ-GAN (taming / MaskGIT-pytorch last.ckpt, or "
                    "finetune_eqvae.py's vqgan.ckpt)")
     p.add_argument("--cache", type=str, default=None, help="token cache folder (default: under --results-dir, "
                    "named after the data, resolution and VQ-GAN)")
     p.add_argument("--cache-batch-size", type=int, default=64, help="images per VQ-GAN forward while tokenising")
     p.add_argument("--cache-shard-size", type=int, default=1000, help="images per cache shard file")
-    p.add_argument("--model", choices=list(models.MaskGIT_models), default="maskgit-256")
-    p.add_argument("--mask-schedule", choices=["arccos", "cosine", "linear", "square"], default="arccos")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--model", choices=list(models.MaskGIT_models), default="maskgit-256", help="the transformer")
+    p.add_argument("--mask-schedule", choices=["arccos", "cosine", "linear", "square"], default="arccos",
+                   help="the training mask rate gamma(r), r ~ U(0, 1)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy over all tokens")
     p.add_argument("--drop-label", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--global-batch-size", type=int, default=256, help="the paper's run; the README's is 512")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate after the warmup")
     p.add_argument("--warmup", type=int, default=2500, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
+    p.add_argument("--epochs", type=int, default=300, help="passes over the tokens (the paper: 300)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (our addition, as DiT's)")
     return p
 
 

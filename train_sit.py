@@ -28,11 +28,12 @@ import train_utils as tu
 #                             Training Helper Functions                         #
 #################################################################################
 
-# --preset tiny: a CPU-sized run on the built-in synthetic data (every stage has one). With --repa it uses
+# --preset tiny: a CPU-sized run on the built-in synthetic data (every stage has one), on the latents of the tiny
+# autoencoder in assets/ (or --vae: finetune_eqvae.py --preset tiny's export, say). With --repa it uses
 # DINOv2_models["dinov2_tiny"], a random-weight stand-in for DINOv2 (no weights offline): it exercises the code,
 # not the method.
 PRESETS = {
-    "tiny": dict(data="synthetic", num_images=256, image_size=64, num_classes=10, model="SiT-T/2", vae="tiny",
+    "tiny": dict(data="synthetic", num_images=256, image_size=64, num_classes=10, model="SiT-T/2", vae=checkpoints.TINY_BASE["kl"],
                  global_batch_size=16, max_steps=200, log_every=20, ckpt_every=100, num_workers=0,
                  # A few hundred steps: the papers' lr 1e-4 barely moves a tiny model and EMA 0.9999 would
                  # average over 10K steps, so the EMA weights would still be the initial ones.
@@ -128,6 +129,8 @@ def main(args):
         vae = vae.cpu()  # not needed on the accelerator any more
     loader = tu.ResumableLoader(dataset, batch_size=batch_size, seed=args.global_seed,
                                 num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if args.epochs is not None:  # DiT's --epochs: steps follow from the dataset size
+        args.max_steps = args.epochs * len(loader)
     what = "cached latents" + (" + their images for DINOv2" if args.repa else "") if args.cache_latents else "images"
     logger.info(f"Dataset: {len(dataset):,} {what} ({args.data}, {'no flip' if args.repa else 'random flip'}), "
                 f"batch {batch_size} per rank")
@@ -201,7 +204,9 @@ def get_args(argv=None):
     g.add_argument("--max-grad-norm", type=float, default=None,
                    help="gradient clipping (default: 1.0 with --repa as REPA, off for SiT as SiT; 0 = off)")
     g = parser.add_argument_group("transport (SiT's options)")
-    g.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"], help="the interpolant")
+    g.add_argument("--path-type", type=lambda s: {"linear": "Linear", "gvp": "GVP", "vp": "VP", "cosine": "GVP"}.get(
+                   s.lower(), s), default="Linear", choices=["Linear", "GVP", "VP"],
+                   help="the interpolant (any case, as SiT's Linear or REPA's linear; REPA's cosine is GVP)")
     g.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"],
                    help="what the network predicts")
     g.add_argument("--loss-weight", type=str, default=None, choices=["velocity", "likelihood"],
@@ -215,8 +220,11 @@ def get_args(argv=None):
     g.add_argument("--encoder-depth", type=int, default=8, help="align the hidden states after this block")
     g.add_argument("--proj-coeff", type=float, default=0.5, help="lambda, the alignment loss weight")
     g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the projector MLP")
-    g.add_argument("--dinov2-model", type=str, default="dinov2_vitb14", choices=sorted(models.DINOv2_models),
-                   help="the target encoder")
+    g.add_argument("--dinov2-model", "--enc-type", dest="dinov2_model", default="dinov2_vitb14",
+                   type=lambda s: {"dinov2-vit-s": "dinov2_vits14", "dinov2-vit-b": "dinov2_vitb14",
+                                   "dinov2-vit-l": "dinov2_vitl14", "dinov2-vit-g": "dinov2_vitg14"}.get(s, s),
+                   choices=sorted(models.DINOv2_models), help="the target encoder (--enc-type: REPA's name, "
+                   "dinov2-vit-b = dinov2_vitb14)")
     g.add_argument("--dinov2", type=str, default=None,
                    help="path to dinov2_vitb14_pretrain.pth (default: torch hub's cache, downloaded if online)")
     args = tu.apply_preset(parser.parse_args(argv), parser, PRESETS, argv)

@@ -5,17 +5,18 @@ and restarted mid-epoch. The method lives in the stage scripts; this file only k
 """
 import argparse
 import atexit
+import contextlib
 import copy
 import glob
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
 import zipfile
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -189,9 +190,16 @@ def positive_int(text):
     return value
 
 
+def precision_name(text):
+    """argparse type: fp32 / bf16 / fp16, also as accelerate's and REPA's --mixed-precision no / bf16 / fp16."""
+    return {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(text.lower(), text)
+
+
 def describe_presets(presets):
     """--preset's help: what each preset sets."""
-    return "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in p.items())
+    root = os.path.dirname(checkpoints.ASSETS)  # the shipped bases are shown as assets/..., not absolute paths
+    show = lambda v: os.path.relpath(v, root) if isinstance(v, str) and v.startswith(root + os.sep) else v
+    return "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in p.items())
                      for name, p in presets.items()) + " (options you type still win)"
 
 
@@ -200,15 +208,17 @@ def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_h
     """The options every trainer shares, with the stage's defaults: data, run folder, resume, system."""
     g = parser.add_argument_group("data and run folder")
     g.add_argument("--preset", choices=sorted(presets), default=None, help=describe_presets(presets))
-    g.add_argument("--data", type=str, default=None, help=data_help)
+    g.add_argument("--data", "--data-path", "--data-dir", dest="data", type=str, default=None,
+                   help=data_help + " (--data-path: DiT's and SiT's name; --data-dir: REPA's)")
     g.add_argument("--num-images", type=positive_int, default=None, help="use only the first N images")
     g.add_argument("--results-dir", type=str, default="results", help="where run folders are made")
     g.add_argument("--exp-name", type=str, default=None, help="the run folder's name under --results-dir")
     g.add_argument("--resume", type=str, default=None, help="'auto' (the newest checkpoint of the run folder) or a "
                    "checkpoint path")
     g = parser.add_argument_group("system")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help=f"autocast precision (default: {cuda_precision} on CUDA, fp32 on CPU)")
+    g.add_argument("--precision", "--mixed-precision", dest="precision", type=precision_name,
+                   choices=["fp32", "bf16", "fp16"], default=None, help=f"autocast precision (default: "
+                   f"{cuda_precision} on CUDA, fp32 on CPU); --mixed-precision no|fp16|bf16 (REPA's, accelerate's)")
     g.add_argument("--global-seed", type=int, default=seed, help="seed of the run (rank r uses seed * world + r)")
     g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU (training, and building "
                    "a latent or token cache)")
@@ -225,6 +235,8 @@ def add_latent_args(parser, what, table, model):
     g.add_argument("--model", type=str, default=model, help=f"one of {', '.join(table)}")
     g.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     g.add_argument("--max-steps", type=positive_int, default=400_000, help="training steps (EQ-VAE reports 400K)")
+    g.add_argument("--epochs", type=positive_int, default=None, help="train this many epochs instead of "
+                   "--max-steps (DiT's train.py counts epochs: 1400)")
     g.add_argument("--global-batch-size", type=int, default=256, help="images per step over all GPUs")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -281,6 +293,7 @@ def run_folder(results_dir, name, exp_name, resume, args=None, keys=()):
     return os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{name}")
 
 
+_NEW_RUN_FOLDERS = []  # run folders this process created
 _LOCKS = {}  # run folder -> its open lock file: this process's locks (a lock lives as long as its file is open)
 
 
@@ -323,7 +336,13 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
     exp_dir = broadcast_object(exp_dir)  # rank 0's choice (the indices it saw), on every rank
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
     fresh = not os.path.isdir(exp_dir)
+    if fresh and _rank() == 0:
+        _NEW_RUN_FOLDERS.append(exp_dir)  # removed again if this run fails before its first checkpoint
     resume_path = resolve_resume(resume, ckpt_dir)
+    saved_args = os.path.join(exp_dir, "args.json")
+    if resume_path is not None and args is not None and os.path.isfile(saved_args):
+        with open(saved_args) as f:  # before any weights load or any file changes (resume_training checks again)
+            check_resume_args(json.load(f), args, keys)
     if resume_path is None and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or "
                               f"choose another --exp-name / --results-dir (nothing was overwritten).")
@@ -443,6 +462,17 @@ def distributed(model, device):
     return DDP(model, device_ids=[device.index] if torch.device(device).type == "cuda" else None)
 
 
+def no_sync(*modules, sync):
+    """Gradient accumulation under DDP: all-reduce only when `sync` (the last micro-batch); the other micro-batches
+    run every DDP module given (None and plain modules are skipped) in its no_sync()."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for m in modules:
+            if isinstance(m, DDP):
+                stack.enter_context(m.no_sync())
+    return stack
+
+
 def load_frozen_autoencoder(spec, kind, exp, device, seed=0, scaling_factor=None, shift_factor=None):
     """
     The frozen autoencoder of a stage-2 run (eval mode, no gradients, on device): a checkpoint path (anything
@@ -501,7 +531,7 @@ def resolve_precision(precision, device, cuda_default="bf16"):
 def autocast(precision, device):
     """Mixed-precision context for the forward pass; weights and optimiser state stay fp32."""
     if precision == "fp32":
-        return nullcontext()
+        return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
@@ -551,6 +581,9 @@ def run_main(main, args):
     try:
         return main(args)
     except USER_ERRORS as e:
+        for folder in _NEW_RUN_FOLDERS:  # a failed run leaves no empty run folder behind
+            if not list_checkpoints(os.path.join(folder, "checkpoints")):
+                shutil.rmtree(folder, ignore_errors=True)
         if os.environ.get("EQVAE_TRACEBACK"):
             raise
         raise SystemExit(f"error: {user_error_message(e)}") from None

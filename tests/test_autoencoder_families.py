@@ -197,6 +197,27 @@ def test_latent_stats_measure_a_known_distribution(tmp_path, capsys):
     assert out["scaling_factor"] == 1.0 and torch.allclose(torch.tensor(out["latents_std"], dtype=torch.float64), s.double(), rtol=0.06)
 
 
+@pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])
+def test_writing_the_latent_norm_keeps_every_tensor(tmp_path, ext):
+    """--write into a file save_ldm made changes its config only: the discriminator a fine-tune starts from and the
+    stored dtype (the shipped fp16 bases) stay."""
+    torch.manual_seed(0)
+    vae, disc = models.KLVAE_models["tiny"]().half(), models.NLayerDiscriminator(3, 8, 3).half()
+    path = str(tmp_path / f"vae{ext}")
+    checkpoints.save_ldm(vae, path, discriminator=disc)
+    read = lambda: checkpoints._read_state_dict_file(path)[0] if ext == ".safetensors" else \
+        checkpoints.torch_load(path)["state_dict"]
+    before = read()
+    checkpoints.set_latent_norm(path, {"scaling_factor": 0.5, "shift_factor": -0.25, "latents_mean": None,
+                                       "latents_std": None})
+    after = read()
+    assert sorted(after) == sorted(before) and any(k.startswith("loss.discriminator.") for k in after)
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    assert after["encoder.conv_in.weight"].dtype == torch.float16
+    norm = checkpoints.load_autoencoder(path).latent_norm()
+    assert norm["scaling_factor"] == 0.5 and norm["shift_factor"] == -0.25
+
+
 def test_cfg_guides_every_channel_of_16_channel_latents():
     torch.manual_seed(0)
     dit = models.DiT_models["DiT-T/2"](input_size=8, in_channels=16, num_classes=10).eval()
