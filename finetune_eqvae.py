@@ -11,6 +11,7 @@ equivariance branch, 0.25 low-resolution prior preservation, 24 discrete scales 
 on 8 GPUs, gradient accumulation 2, 256 px.
 
 The method on one screen: sample_tau -> apply_tau -> TauAutoencoder.forward -> eqvae_losses (the two sections below).
+The regularisers that compete with it, --regularizer scale-eq / vf / none, are the section after them.
 """
 import argparse
 import copy
@@ -18,7 +19,6 @@ import json
 import math
 import os
 import random
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -183,7 +183,8 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
         loss = nll + kl_weight * kl + adaptive_weight * disc_weight * (-mean D(x_hat))
     model: TauAutoencoder (maybe in DDP); x: (B, 3, H, W) in [-1, 1]; tau: from sample_tau; lpips: (x, y) -> (B,)
     or None; disc: the (unwrapped) PatchGAN, or None before --disc-start / with --disc-weight 0; last_layer: the
-    decoder's conv_out.weight. Returns a dict: "loss" (to minimise), detached parts, and "target", "x_hat".
+    decoder's conv_out.weight. Returns a dict: "loss" (to minimise), detached parts, and "nll_loss" (with its graph),
+    "target", "x_hat".
     A VQ-GAN takes taming's loss instead (models.vq_generator_loss): means rather than sums, plus the codebook loss.
     latent_weight > 0 adds the explicit latent loss of App. A.1 (the paper's ablation, weight 0.1), summed as nll:
         latent = sum(||tau E(x) - E(tau x)||^2) / B     in the equivariance branch,
@@ -222,7 +223,96 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
         loss = loss + d_weight * g_loss                                        # disc_factor 1 from --disc-start on
     parts = {"nll": nll.detach(), "rec": (target - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
              "kl": kl.detach(), "g": g_loss.detach(), "d_weight": d_weight, "latent": latent.detach()}
-    return {"loss": loss, **parts, "target": target, "x_hat": x_hat}
+    return {"loss": loss, **parts, "nll_loss": nll, "target": target, "x_hat": x_hat}
+
+
+#################################################################################
+#          The Other Latent Regularisers, Side by Side (--regularizer)          #
+#################################################################################
+# Each adds one term to the plain objective (eqvae_losses with no equivariance branch; the low-resolution prior
+# preservation stays, common to all). "none" adds nothing: the plain fine-tune control of Table 6.
+
+SE_FACTORS = (2, 4)  # the downsampling factors of scale equivariance
+
+
+def scale_eq_loss(model, x, rng, lpips=None, perceptual_weight=1.0, sample_noise=None):
+    """
+    Scale equivariance (Skorokhodov et al., "Improving the Diffusability of Autoencoders", arXiv 2502.14831):
+    decoding the downsampled latent must give the downsampled image,
+        L_SE = rec(down_s x, D(down_s E(x))),    s drawn from {2, 4} per micro-batch (shared by all ranks),
+    with the main branch's reconstruction distance (L1 + LPIPS; no KL, no GAN on the small branch), added beside
+    the plain reconstruction. It is Eq. 5 with tau a pure downscale, so TauAutoencoder computes it: bilinear
+    without antialias, at 2x exactly a 2 x 2 average, the same op on latent and image.
+    """
+    s = rng.choice(SE_FACTORS)
+    return eqvae_losses(model, x, Tau("eq", (1 / s, 1 / s)), lpips, perceptual_weight=perceptual_weight,
+                        kl_weight=0.0, sample_noise=sample_noise)["loss"]
+
+
+VF_COS_MARGIN, VF_DISTMAT_MARGIN = 0.5, 0.25  # VA-VAE's configs/f16d32_vfdinov2.yaml: cos_margin, distmat_margin
+
+
+def vf_losses(proj_z, features, cos_margin=VF_COS_MARGIN, distmat_margin=VF_DISTMAT_MARGIN):
+    """
+    VA-VAE's vision-foundation alignment (Yao et al. 2025, arXiv 2501.01423, Sec. 3.2; hustvl/LightningDiT,
+    vavae/ldm/modules/losses/contperceptual.py), between the projected latent W z and the foundation model's patch
+    features f at the same N positions, cosines over channels:
+        mcos = mean_{b,i} relu(1 - m1 - cos(Wz_bi, f_bi))                              (margin cosine)
+        mdms = mean_{b,i,j} relu(|cos(Wz_bi, Wz_bj) - cos(f_bi, f_bj)| - m2)          (margin distance matrix)
+    proj_z: (B, D, h, w); features: (B, N = h w, D). Returns (mcos, mdms); pairs inside a margin add nothing.
+    """
+    p = F.normalize(proj_z.flatten(2).transpose(1, 2).float(), dim=-1)       # (B, N, D)
+    f = F.normalize(features.float(), dim=-1)
+    mcos = F.relu(1 - cos_margin - (p * f).sum(-1)).mean()
+    mdms = F.relu((p @ p.transpose(1, 2) - f @ f.transpose(1, 2)).abs() - distmat_margin).mean()
+    return mcos, mdms
+
+
+def vf_loss(proj, encoder, vae, x, nll, weight=0.1, sample_noise=None):
+    """
+    The VF term added to the loss: weight x w_adaptive x (mcos + mdms), with VA-VAE's adaptive weight at the
+    encoder's last layer, w_adaptive = clamp(||grad nll|| / (||grad vf|| + 1e-4), 0, 1e8), a constant.
+    proj: the trained 1x1 convolution (no bias) from the latent to the features; encoder: frozen DINOv2, fed the
+    image resized to 14 px per latent position so its token grid is the latent grid (VA-VAE: 224 px for a 16 x 16
+    latent); z: a posterior sample (the VQ-GAN's continuous latent), encoded again here, so eqvae_losses stays as is.
+    Returns (term, detached parts).
+    """
+    vae = tu.unwrap(vae)
+    z = vae.encode(x)
+    if not isinstance(vae, models.VQGAN):
+        z = z.sample() if sample_noise is None else z.mean + z.std * sample_noise(z.mean.shape)
+    with torch.no_grad():
+        size = (z.shape[-2] * encoder.patch_size, z.shape[-1] * encoder.patch_size)
+        features = encoder.forward_features(models.dinov2_preprocess(x, size))["x_norm_patchtokens"]
+    mcos, mdms = vf_losses(proj(z), features)
+    vf = mcos + mdms                                          # distmat_weight = cos_weight = 1
+    layer = vae.encoder.conv_out.weight
+    nll_grad = torch.autograd.grad(nll, layer, retain_graph=True)[0]
+    vf_grad = torch.autograd.grad(vf, layer, retain_graph=True)[0]
+    w = (nll_grad.norm() / (vf_grad.norm() + 1e-4)).clamp(0.0, 1e8).detach() * weight
+    return w * vf, {"vf_mcos": mcos.detach(), "vf_mdms": mdms.detach(), "vf_weight": w}
+
+
+def build_vf(args, latent_channels, device, logger):
+    """--regularizer vf: (frozen DINOv2, the trained 1x1 projection from the latent to its features); not exported."""
+    encoder = checkpoints.load_dinov2(args.vf_model, args.dinov2).to(device)
+    proj = nn.Conv2d(latent_channels, encoder.embed_dim, 1, bias=False).to(device)
+    logger.info(f"Regularizer vf: {args.vf_model}" + (" (RANDOM weights: a stand-in, its features carry no meaning)"
+                if args.vf_model == "dinov2_tiny" else "") + f", weight {args.reg_weight} x adaptive")
+    return encoder, proj
+
+
+def add_regularizer(args, out, model, x, rng, lpips=None, noise=None, vf=None):
+    """eqvae_losses' output with the --regularizer's term added to its loss (scale-eq, vf; eq and none: as is).
+    model: the unwrapped TauAutoencoder; vf: (the projection, DDP-wrapped when distributed, and DINOv2). The extra
+    passes run outside DDP's forward; its gradient hooks still fire once per parameter, in the one backward."""
+    if args.regularizer == "scale-eq":
+        se = scale_eq_loss(model, x, rng, lpips, args.perceptual_weight, noise)
+        return dict(out, loss=out["loss"] + args.reg_weight * se, se=se.detach())
+    if args.regularizer == "vf":
+        term, parts = vf_loss(vf[0], vf[1], model.vae, x, out["nll_loss"], args.reg_weight, noise)
+        return dict(out, loss=out["loss"] + term, **parts)
+    return out
 
 
 def disc_input(img):
@@ -266,6 +356,26 @@ def held_out_summary(vae, x, interp="bilinear", batch=16):
             data.to_uint8(x)).mean()), "ssim": float(models.ssim(recon, x).mean())}
 
 
+def update_summary(path, key, vae, x, interp="bilinear"):
+    """summary.json: held_out_summary of vae on x under key ("base" before the fine-tune, "fine_tuned" after)."""
+    summary = {}
+    if key != "base" and os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    summary[key] = held_out_summary(vae, x, interp)
+    checkpoints.atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=2)))
+    return summary
+
+
+def summary_line(summary, num_images, exp_dir):
+    """The run's last log line: what the fine-tune changed on the held-out images, and where everything is."""
+    b, a = summary["base"], summary["fine_tuned"]
+    return (f"Summary on {num_images} held-out images (base -> fine-tuned): equivariance error rotation "
+            f"{b['eq_err_rot']:.3f} -> {a['eq_err_rot']:.3f}, scale {b['eq_err_scale']:.3f} -> {a['eq_err_scale']:.3f}; "
+            f"PSNR {b['psnr']:.2f} -> {a['psnr']:.2f} dB; SSIM {b['ssim']:.3f} -> {a['ssim']:.3f}. Previews: "
+            f"{os.path.join(exp_dir, 'previews')}; exports and summary.json: {exp_dir}")
+
+
 PREVIEW_TAU = Tau("eq", (0.5, 0.5), 1)  # the preview's tau: half size and a quarter turn
 
 
@@ -297,14 +407,21 @@ def save_preview(vae, x, path, interp="bilinear"):
 #################################################################################
 
 # The options a resumed run must share with its checkpoint (another value would break exact resume):
-RESUME_KEYS = ["model", "init", "config", "resolution", "global_batch_size", "grad_accum"]
+RESUME_KEYS = ["model", "init", "config", "resolution", "global_batch_size", "grad_accum", "regularizer"]
 
 
 def run_name(args):
-    """The run's name: eqvae-<init name> / eqvae-<config> (its folder: results/NNN-eqvae-..., or --exp-name)."""
+    """The run's name: eqvae-<init name> / eqvae-<config> (its folder: results/NNN-eqvae-..., or --exp-name);
+    plain-, scale-eq-, vf- for the other regularisers."""
+    prefix = {"eq": "eqvae", "none": "plain"}.get(args.regularizer, args.regularizer)
     if args.init.lower() != "none":
-        return "eqvae-" + os.path.splitext(os.path.basename(os.path.normpath(args.init)))[0]
-    return "eqvae-" + (args.config if args.config and not args.config.lstrip().startswith("{") else f"{args.model}-custom")
+        path = os.path.normpath(args.init)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in ("model", "last", "diffusion_pytorch_model") and os.path.dirname(path):
+            stem = os.path.basename(os.path.dirname(path))  # kl-f8/model.ckpt -> eqvae-kl-f8
+        return f"{prefix}-{stem.replace('/', '-')}"
+    return f"{prefix}-" + (args.config if args.config and not args.config.lstrip().startswith("{")
+                           else f"{args.model}-custom")
 
 
 def build_autoencoder(args, log=print):
@@ -493,6 +610,8 @@ def main(args):
         ema = copy.deepcopy(vae).eval()
         tu.requires_grad(ema, False)
     logger.info(f"Autoencoder parameters: {tu.count_params(vae):,}; discriminator: {tu.count_params(disc):,}")
+    vf_encoder, vf_proj = build_vf(args, vae.latent_shape(args.resolution)[0], device, logger) \
+        if args.regularizer == "vf" else (None, None)
 
     # Setup optimizer (Adam betas (0.5, 0.9) for both, no weight decay, lr scaled as LDM's main.py does):
     lr = args.lr if args.lr is not None else args.base_lr * args.grad_accum * args.global_batch_size
@@ -500,6 +619,9 @@ def main(args):
                 f"{batch} per GPU" if args.lr is None else f"Learning rate {lr:.3g} (set with --lr)")
     opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
     opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    # VA-VAE trains its projection in the autoencoder's Adam; its own Adam with the same settings is the same update
+    # (Adam is per parameter) and leaves opt_ae's state loadable from the init file.
+    opt_vf = torch.optim.Adam(vf_proj.parameters(), lr=lr, betas=(0.5, 0.9)) if vf_proj is not None else None
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
 
     # The official starting state: zelaki/eqvae passes kl-f8's model.ckpt to --resume, so Lightning restores its
@@ -511,7 +633,8 @@ def main(args):
     # rank for the loop (DiT's per-rank seeds; tau stays shared, see tau_rng):
     step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=vae.config, what="autoencoder", lr=lr,
                                     required=("model", "disc", "opt", "opt_disc", "step", "config", "args"),
-                                    model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc, scaler=scaler)
+                                    model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc, scaler=scaler,
+                                    vf_proj=vf_proj, opt_vf=opt_vf)
     skipped = 0  # fp16 steps that GradScaler dropped, counted over the whole run
     if ckpt is not None:
         if ema is not None:  # EMA switched on at resume: it starts from the current weights
@@ -524,6 +647,7 @@ def main(args):
         compile_models(vae, disc)
     model = TauAutoencoder(vae, args.interp)
     ddp_model, ddp_disc = tu.distributed(model, device), tu.distributed(disc, device)
+    ddp_vf = tu.distributed(vf_proj, device) if vf_proj is not None else None
     last_layer = vae.get_last_layer()  # the parameter itself (not through DDP): the adaptive weight's grads go here
     latent_hw = vae.latent_shape(args.resolution)[1:]
     smallest = round(args.resolution * latent_scales(latent_hw[0])[0])  # the smallest tau x / low-res image
@@ -538,20 +662,28 @@ def main(args):
                                     disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
                                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                                     loader=loader.state_dict(), config=dict(vae.config), args=vars(args),
-                                    skipped_steps=skipped)
+                                    skipped_steps=skipped, vf_proj=vf_proj.state_dict() if vf_proj else None,
+                                    opt_vf=opt_vf.state_dict() if opt_vf else None)
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
                 f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}"
-                + (f"; explicit latent loss x {args.latent_loss_weight} (App. A.1)" if args.latent_loss_weight else ""))
+                + (f"; explicit latent loss x {args.latent_loss_weight} (App. A.1)" if args.latent_loss_weight else "")
+                + {"scale-eq": f"; regularizer scale-eq x {args.reg_weight}, factors {SE_FACTORS}",
+                   "none": "; regularizer none: the plain fine-tune control"}.get(args.regularizer, ""))
     val_every = args.val_every or steps_per_epoch  # once an epoch by default, as the official run validates
     # The autoencoder before fine-tuning, on the held-out images: the end of the run compares with it.
     summary_path = os.path.join(exp.dir, "summary.json")
-    if dist.is_main and step == 0 and val_x is not None:
-        base = held_out_summary(vae.eval(), val_x, args.interp)
+    # Its preview too (previews/0000000.png: the same images as every later preview).
+    if dist.is_main and step == 0:
+        vae.eval()
+        with tu.autocast(precision, device):
+            save_preview(vae, preview_x, os.path.join(exp.dir, "previews", f"{0:07d}.png"), args.interp)
+        if val_x is not None:  # in fp32, as the fine-tuned one at the end
+            update_summary(summary_path, "base", vae, val_x, args.interp)
         vae.train()
-        checkpoints.atomic_write(summary_path, lambda tmp: open(tmp, "w").write(json.dumps({"base": base})))
     names = ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
-             "logits_fake", "eq_share"] + (["latent"] if args.latent_loss_weight > 0 else [])
+             "logits_fake", "eq_share"] + (["latent"] if args.latent_loss_weight > 0 else []) + \
+        {"scale-eq": ["se"], "vf": ["vf_mcos", "vf_mdms", "vf_weight"]}.get(args.regularizer, [])
     meter = tu.TrainingMeter(names, exp, max_steps, step, args.grad_accum * args.global_batch_size, device)
     while step < max_steps:
         gan = args.disc_weight > 0 and step >= args.disc_start  # LDM's disc_factor: 0 before --disc-start
@@ -570,18 +702,19 @@ def main(args):
                 if args.shared_noise else None
             # Autoencoder update. One forward serves both updates: Lightning runs training_step twice per batch
             # (generator, then discriminator), each with a fresh tau and forward: the same distribution, twice the cost.
-            with (nullcontext() if sync or world == 1 else ddp_model.no_sync()):
+            with tu.no_sync(ddp_model, ddp_vf, sync=sync):
                 tu.requires_grad(disc, False)  # the generator's GAN term must not touch the discriminator's grads
                 with tu.autocast(precision, device):
                     out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
                                        args.perceptual_weight, args.kl_weight, args.disc_weight, noise,
                                        args.latent_loss_weight)
+                    out = add_regularizer(args, out, model, x, rng, lpips, noise, (ddp_vf, vf_encoder))
                 scaler.scale(out["loss"] / args.grad_accum).backward()  # the micro-batch mean, as Lightning accumulates
                 tu.requires_grad(disc, True)
             # Discriminator update, on the (transformed) real image and the detached reconstruction:
             d = dict(d=0.0, logits_real=0.0, logits_fake=0.0)
             if gan:
-                with (nullcontext() if sync or world == 1 else ddp_disc.no_sync()):
+                with tu.no_sync(ddp_disc, sync=sync):
                     with tu.autocast(precision, device):
                         d["d"], d["logits_real"], d["logits_fake"] = discriminator_loss(ddp_disc, out["target"],
                                                                                         out["x_hat"])
@@ -594,6 +727,8 @@ def main(args):
         tu.check_finite(step + 1, **{n: parts[n] for n in names if torch.is_tensor(parts[n])})
         scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(opt_ae)
+        if opt_vf is not None:
+            scaler.step(opt_vf)
         if gan:
             scaler.step(opt_disc)  # one scaler, two optimisers: step each, then a single update (torch AMP recipe)
         scaler.update()
@@ -601,6 +736,8 @@ def main(args):
             skipped += 1  # fp16 overflow: GradScaler skipped this step and lowered its scale (normal, not fatal)
         opt_ae.zero_grad(set_to_none=True)
         opt_disc.zero_grad(set_to_none=True)
+        if opt_vf is not None:
+            opt_vf.zero_grad(set_to_none=True)
         if ema is not None:
             tu.update_ema(ema, vae, args.ema_decay)
         step += 1
@@ -641,15 +778,8 @@ def main(args):
         final = (ema if ema is not None else vae).eval()
         export_autoencoder(final, exp.dir, logger, disc)
         if val_x is not None and os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = dict(json.load(f), fine_tuned=held_out_summary(final, val_x, args.interp))
-            checkpoints.atomic_write(summary_path, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=2)))
-            b, a = summary["base"], summary["fine_tuned"]
-            logger.info(f"Summary on {len(val_x)} held-out images (base -> fine-tuned): equivariance error rotation "
-                        f"{b['eq_err_rot']:.3f} -> {a['eq_err_rot']:.3f}, scale {b['eq_err_scale']:.3f} -> "
-                        f"{a['eq_err_scale']:.3f}; PSNR {b['psnr']:.2f} -> {a['psnr']:.2f} dB; SSIM {b['ssim']:.3f} -> "
-                        f"{a['ssim']:.3f}. Previews: {os.path.join(exp.dir, 'previews')}; exports and "
-                        f"summary.json: {exp.dir}")
+            summary = update_summary(summary_path, "fine_tuned", final, val_x, args.interp)
+            logger.info(summary_line(summary, len(val_x), exp.dir))
     tu.barrier()
     return exp.dir
 
@@ -659,12 +789,15 @@ def main(args):
 #################################################################################
 
 PRESETS = {
-    # CPU-sized: the tiny autoencoder from scratch on the built-in 64 px synthetic images, a few minutes on 2 cores.
-    # base-lr x 10 keeps the official *effective* lr (7.2e-4) at global batch 16 without accumulation; no LPIPS
-    # (VGG16 would cost ~3x the tiny autoencoder and needs downloaded weights; pass --perceptual-weight 1 to use it).
-    "tiny": dict(data="synthetic", resolution=64, init="none", config="tiny", global_batch_size=16, grad_accum=1,
-                 base_lr=4.5e-5, max_steps=300, perceptual_weight=0.0, disc_ndf=32, num_images=2048, log_every=10,
-                 ckpt_every=100, preview_every=100, num_workers=0),
+    # CPU-sized, about two minutes on 2 cores: the EQ-VAE fine-tune of the tiny KL autoencoder this project trained
+    # (assets/: 3000 steps on the built-in 64 px synthetic images, its PatchGAN included), ending with the summary
+    # of what it changed on held-out images. base-lr x 10 keeps the official *configured* lr (7.2e-4) at global
+    # batch 16 without accumulation; no LPIPS (VGG16 would cost ~3x the tiny autoencoder and needs downloaded
+    # weights; pass --perceptual-weight 1 to use it). --model vq fine-tunes the tiny VQ-GAN instead.
+    "tiny": dict(data="synthetic", resolution=64, init=checkpoints.TINY_BASE["kl"], global_batch_size=16,
+                 grad_accum=1, base_lr=4.5e-5, max_steps=400, perceptual_weight=0.0, disc_ndf=32, num_images=2048,
+                 log_every=20, ckpt_every=200, preview_every=100, val_every=100, num_workers=0,
+                 vf_model="dinov2_tiny"),
 }
 
 
@@ -674,7 +807,7 @@ def get_parser():
     # The global seed 23 is the official main.py's; the run folder defaults to eqvae-<init name>.
     tu.add_run_args(p, PRESETS, seed=23, log_every=50, ckpt_every=2000, keep_last=3, cuda_precision="fp32",
                     data_help="image folder (OpenImages / ImageNet train) or 'synthetic'")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=256, help="training crop size (the official 256)")
     p.add_argument("--model", choices=["kl", "vq"], default="kl", help="KL-VAE (SD-VAE, SDXL-VAE) or VQ-GAN")
     p.add_argument("--init", type=str, default=None, help="pretrained autoencoder (diffusers folder, LDM/taming "
                    "checkpoint, ours), or 'none' to train --config from scratch")
@@ -683,8 +816,9 @@ def get_parser():
                    f"({', '.join(models.VQGAN_models)}), or a JSON dict of constructor arguments")
     tu.add_latent_norm_args(p)
     # EQ-VAE (Sec. 3.3; official code: p_prior 0.5, p_prior_s 0.25, 24 discrete scales, bilinear)
-    p.add_argument("--eq-prob", type=float, default=0.5, help="probability of the equivariance branch (p_alpha); "
-                   "0 is the plain fine-tune control of Table 6 (add --lowres-prob 0 for full-resolution only)")
+    p.add_argument("--eq-prob", type=float, default=None, help="probability of the equivariance branch (p_alpha; "
+                   "default 0.5 with --regularizer eq, else 0); 0 is the plain fine-tune control of Table 6 (add "
+                   "--lowres-prob 0 for full-resolution only)")
     p.add_argument("--lowres-prob", type=float, default=0.25, help="prior preservation: share at low resolution")
     p.add_argument("--transforms", choices=["rot", "scale", "rot+scale", "aniso", "aniso+rot"], default="rot+scale",
                    help="Table 5: rotations, scalings, both, anisotropic scaling, or anisotropic scaling + rotation "
@@ -693,6 +827,16 @@ def get_parser():
                    help="official 8/32..31/32 (x latent side) or the paper's U(0.25, 1) on the latent grid")
     p.add_argument("--latent-loss-weight", type=float, default=0.0, help="App. A.1's explicit latent loss "
                    "||tau E(x) - E(tau x)||^2 (the paper: 0.1, which collapses the latent space); 0 = off")
+    p.add_argument("--regularizer", choices=["eq", "scale-eq", "vf", "none"], default="eq",
+                   help="the latent regulariser: eq (EQ-VAE), scale-eq (Skorokhodov et al. 2025's scale "
+                   "equivariance), vf (VA-VAE's DINOv2 alignment) or none (the plain fine-tune); the last three "
+                   "add their term to the plain objective (--eq-prob 0)")
+    p.add_argument("--reg-weight", type=float, default=None, help="weight of the scale-eq term (default 1: the "
+                   "downsampled reconstruction weighs as the full one) or of vf (default 0.1 x adaptive, VA-VAE's)")
+    p.add_argument("--vf-model", default="dinov2_vitl14", choices=sorted(models.DINOv2_models),
+                   help="--regularizer vf: the foundation model (VA-VAE: DINOv2 ViT-L/14, no registers)")
+    p.add_argument("--dinov2", type=str, default=None, help="--regularizer vf: the DINOv2 weights, e.g. "
+                   "dinov2_vitl14_pretrain.pth (default: torch hub's cache)")
     p.add_argument("--init-state", choices=["official", "weights", "fresh"], default="official",
                    help="official: the --init file's discriminator and Adam states (its learning rate too, unless "
                    "--lr), as the official run's Lightning resume restores them; weights: its discriminator only; "
@@ -707,7 +851,7 @@ def get_parser():
     p.add_argument("--interp", choices=["bilinear", "bicubic"], default="bilinear",
                    help="resize of latent and image (official: bilinear; the paper text: bicubic)")
     # Loss (LDM LPIPSWithDiscriminator as configured for EQ-VAE)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight of LDM's loss (1e-6)")
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0 = L1 only)")
     p.add_argument("--disc-weight", type=float, default=None, help="default 0.5 (KL, EQ-VAE config), 0.8 (VQ, taming)")
     p.add_argument("--disc-start", type=int, default=0, help="step at which the GAN starts (SD-VAE's own training: 50001)")
@@ -717,16 +861,17 @@ def get_parser():
     p.add_argument("--lpips-random", action="store_true", help="tests/benchmarks only: random LPIPS weights")
     # Optimisation (paper: 8 GPUs x batch 10, accumulation 2, 5 epochs; lr 4.5e-6 x 2 x 80 = 7.2e-4)
     p.add_argument("--global-batch-size", type=int, default=80, help="images per forward over all GPUs")
-    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimiser step (the official 2)")
     p.add_argument("--base-lr", type=float, default=4.5e-6, help="scaled by accumulation x global batch")
     p.add_argument("--lr", type=float, default=None, help="set the learning rate directly (no scaling)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="passes over --data (the paper: 5 of OpenImages)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the autoencoder, e.g. 0.9999 (0 = off, "
                    "as the official trainer)")
     # System
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--preview-every", type=int, default=1000)
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder and PatchGAN")
+    p.add_argument("--preview-every", type=tu.positive_int, default=1000, help="steps between previews (Figure 2 "
+                   "rows) and equivariance errors on the held-out images")
     p.add_argument("--tau-per-rank", action="store_true", help="each GPU draws its own tau (default: one tau per "
                    "micro-batch for all GPUs, as the official Lightning run)")
     p.add_argument("--shared-noise", action="store_true", help="test hook: posterior noise of the global batch from a "
@@ -740,9 +885,18 @@ def parse_args(argv=None):
     tu.apply_preset(args, parser, PRESETS, argv)  # a preset fills in only the options not typed
     if args.data is None:
         parser.error("--data is required (an image folder, or 'synthetic'); or use --preset tiny")
+    if args.preset == "tiny" and args.model == "vq" and args.init == checkpoints.TINY_BASE["kl"]:
+        args.init = checkpoints.TINY_BASE["vq"]  # the tiny preset's base for --model vq: the tiny VQ-GAN
     if args.init is None:
         parser.error("--init is required: a pretrained autoencoder (diffusers folder or checkpoint, e.g. "
                      "sd-vae-ft-ema/), or 'none' with --config NAME to train from scratch")
+    if args.eq_prob is None:
+        args.eq_prob = 0.5 if args.regularizer == "eq" else 0.0
+    elif args.regularizer != "eq" and args.eq_prob > 0:
+        parser.error(f"--eq-prob applies to --regularizer eq; --regularizer {args.regularizer} adds its own term to "
+                     "the plain objective (leave --eq-prob out)")
+    if args.reg_weight is None:
+        args.reg_weight = {"scale-eq": 1.0, "vf": 0.1}.get(args.regularizer, 0.0)
     for name in ("eq_prob", "lowres_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")

@@ -666,7 +666,8 @@ def vq_generator_loss(x, x_hat, codebook_loss, lpips, discriminator, last_layer,
         d_weight = torch.zeros((), device=x.device)  # taming: 0 when no gradient can be taken (eval)
     loss = nll + d_weight * disc_factor * g_loss + codebook_weight * codebook_loss.mean()
     parts = {"nll": nll.detach(), "rec": (x - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
-             "codebook": codebook_loss.detach().mean(), "g_loss": g_loss.detach(), "d_weight": d_weight.detach()}
+             "codebook": codebook_loss.detach().mean(), "g_loss": g_loss.detach(), "d_weight": d_weight.detach(),
+             "nll_loss": nll}  # with its graph: what another adaptive weight (VA-VAE's VF loss) balances against
     return loss, parts
 
 
@@ -728,6 +729,38 @@ def summarize_equivariance(errors):
             if keys:
                 means[kind + group] = float(np.mean([means[k] for k in keys]))
     return means
+
+
+def block_dct_spectrum(x, block=8):
+    """
+    The block DCT spectrum of Skorokhodov et al. 2025 (arXiv 2502.14831, Sec. 3), of images or latents (N, C, H, W):
+    each channel cut into block x block tiles (H, W cropped to multiples), an orthonormal 2-D DCT-II per tile, the
+    amplitudes A_uv = mean |X_uv| / mean |X_00| over tiles, channels and images (the ratio of means: a latent tile's
+    DC can be ~0, which makes the per-tile ratio explode), in zigzag order. Returns (block^2,) numpy, A[0] = 1.
+    """
+    n = torch.arange(block, dtype=torch.float64)
+    d = torch.cos(math.pi * (2 * n[None] + 1) * n[:, None] / (2 * block)) * math.sqrt(2 / block)
+    d[0] /= math.sqrt(2)                                                   # orthonormal DCT-II matrix (k, i)
+    z = x.double()[..., :x.shape[-2] // block * block, :x.shape[-1] // block * block]
+    tiles = z.unfold(-2, block, block).unfold(-2, block, block)           # (N, C, H/b, W/b, b, b)
+    amp = (d @ tiles @ d.t()).abs().mean(dim=(0, 1, 2, 3))
+    order = sorted(((u, v) for u in range(block) for v in range(block)),    # JPEG zigzag: by diagonal, alternating
+                   key=lambda t: (t[0] + t[1], t[0] if (t[0] + t[1]) % 2 else t[1]))
+    return np.array([float(amp[u, v] / amp[0, 0]) for u, v in order])
+
+
+def high_frequency_share(spectrum):
+    """The share of the non-DC amplitude in the upper half of the zigzag (u + v >= block): one number per curve."""
+    block = int(math.isqrt(len(spectrum)))
+    upper = len(spectrum) - block * (block + 1) // 2                      # zigzag indices with u + v >= block
+    return float(spectrum[-upper:].sum() / spectrum[1:].sum())
+
+
+def linear_cka(a, b):
+    """Linear CKA (Kornblith et al. 2019) of paired rows a (n, p), b (n, q): ||b^T a||_F^2 / (||a^T a||_F ||b^T b||_F)
+    on centred columns; 1 when one is an orthogonal map and scaling of the other, invariant to both."""
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    return float((b.t() @ a).square().sum() / ((a.t() @ a).norm() * (b.t() @ b).norm()))
 
 
 def is_vq(vae):
@@ -1987,13 +2020,15 @@ def dinov2_preprocess(x, resolution=None):
     """
     REPA's encoder input from images x (B, 3, H, W) in [-1, 1]: [0, 1] -> ImageNet mean/std -> bicubic resize to
     (H / 16) * 14 (224 for 256 px), so the DINOv2 patch grid matches SiT/2's token grid on the f8 latent.
+    resolution: a side, or (height, width).
     """
     resolution = resolution or (x.shape[-1] // 16) * 14
+    size = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
     x = (x + 1) / 2
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
-    return F.interpolate(x, size=(resolution, resolution), mode="bicubic")  # as REPA: normalise, then resize
+    return F.interpolate(x, size=size, mode="bicubic")  # as REPA: normalise, then resize
 
 
 #################################################################################
