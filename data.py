@@ -728,10 +728,15 @@ class SyntheticImages(torch.utils.data.Dataset):
 #################################################################################
 
 def build_dataset(data, resolution, transform="center", num_images=None, seed=0):
-    """data = "synthetic" or an image folder; transform in center | center_flip | eqvae | resize_center;
-    items in [-1, 1]."""
+    """data = "synthetic", "synthetic:SEED" (another draw of the same classes: held-out images) or an image folder;
+    transform in center | center_flip | eqvae | resize_center; items in [-1, 1]."""
     if transform not in ImageTransform.kinds:
         raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(ImageTransform.kinds)}")
+    if data.startswith("synthetic:") and not os.path.exists(data):
+        try:
+            data, seed = "synthetic", int(data.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"--data {data}: 'synthetic:SEED' takes a whole number, e.g. synthetic:3") from None
     if data == "synthetic":
         # The scene is continuous: "center" renders it whole, "center_flip" adds DiT's random flip, and "eqvae"
         # renders the EQ-VAE random crop window directly (same crop distribution; no resampling needed).

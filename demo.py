@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 from data import open_images
@@ -167,16 +168,37 @@ def probe_evaluate(probe, state, images, labels=None, floor_seed=None):
 #                  The demo's report: tables and figures in markdown             #
 #################################################################################
 # demo.sh writes a fixed layout under its folder; the report reads only files, so it can be rebuilt any time:
-#   steps.tsv                     one line per step run: name, status (ran/reused/missing), seconds, command
-#   probe/probe.pt, probe.json    the probe classifier (probe-train)
-#   ae/<ae>/                      finetune_eqvae.py runs: metrics.jsonl, previews/*.png, the exported autoencoder
-#   eval/<ae>/{recon,equivariance,id}.json, eval/<ae>/latents/  evaluate.py results for each autoencoder
-#   gen/<gen>-<ae>/               train_dit.py / train_sit.py / train_maskgit.py runs (metrics.jsonl)
-#   samples/<gen>-<ae>/*.npz|png  sample.py outputs; eval/gen.json: probe-eval of all of them
-# The autoencoders and generators the report knows, in the paper's order (Table 1: baseline, then EQ-VAE):
-DEMO_AUTOENCODERS = [("kl-base", "KL-VAE (base, from scratch)"), ("kl-plain", "+ plain fine-tune (Table 6 control)"),
-                     ("kl-eq", "+ EQ-VAE"), ("vq-base", "VQ-GAN (base, from scratch)"), ("vq-eq", "+ EQ-VAE")]
-DEMO_GENERATORS = [("dit", "DiT", "kl"), ("sit", "SiT", "kl"), ("maskgit", "MaskGIT", "vq")]
+#   settings.json, steps.tsv      the scale and study; one line per step: name, status (ran/reused/missing), seconds,
+#                                 command
+#   probe/probe.pt, probe.json    the probe classifier (probe-train); photos/: the photograph crops
+#   ae/<group>-s<seed>/           finetune_eqvae.py runs: metrics.jsonl, previews/*.png (0000000.png: the base),
+#                                 summary.json, the exported autoencoder (the bases are assets/)
+#   eval/<dataset>/<ae>/*.json    evaluate.py results (recon, equivariance; id, latents/, alignment on synthetic)
+#   gen/<gen>-<ae>/               train_dit.py / train_sit.py / train_maskgit.py runs
+#   curves/<gen>.json, -samples/  curves.py: gFD-probe of every EMA checkpoint of every run, and their samples
+# A group is one way of making an autoencoder (the base, a fine-tune objective); its runs are its seeds.
+STUDIES = {
+    "paper": dict(
+        title="EQ-VAE in miniature",
+        groups=[("kl-base", "KL-VAE base"), ("kl-plain", "+ plain fine-tune (Table 6 control)"),
+                ("kl-eq", "+ EQ-VAE"), ("vq-base", "VQ-GAN base"), ("vq-eq", "+ EQ-VAE")],
+        generators=[("dit", "DiT-T/2", "kl"), ("sit", "SiT-T/2", "kl"), ("maskgit", "MaskGIT", "vq")],
+        claims=[("kl-eq", "kl-plain"), ("kl-eq", "kl-base"), ("vq-eq", "vq-base")]),
+    "regularizers": dict(
+        title="Latent regularisers side by side, in miniature",
+        groups=[("kl-base", "KL-VAE base"), ("kl-none", "+ none (plain fine-tune)"), ("kl-eq", "+ eq (EQ-VAE)"),
+                ("kl-scale-eq", "+ scale-eq (Skorokhodov et al.)"), ("kl-vf", "+ vf (VA-VAE)")],
+        generators=[("dit", "DiT-T/2", "kl")],
+        claims=[("kl-eq", "kl-none"), ("kl-scale-eq", "kl-none"), ("kl-vf", "kl-none")]),
+}
+# (key, column, file, better, decimals, datasets): every number of the autoencoder table.
+AE_METRICS = [("psnr", "PSNR", "recon", "higher", 1, None), ("ssim", "SSIM", "recon", "higher", 3, None),
+              ("rotation", "Eq. err. rot", "equivariance", "lower", 3, None),
+              ("scale", "Eq. err. scale", "equivariance", "lower", 3, None),
+              ("twonn", "ID (TwoNN)", "id", "lower", 1, ("synthetic",)),
+              ("dct_high_freq_latent", "DCT high-freq.", "latents", "lower", 3, ("synthetic",)),
+              ("cka", "CKA to DINOv2", "alignment", "higher", 3, ("synthetic",))]
+TRANSFORMS = ["rot90", "rot180", "rot270", "scale0.25", "scale0.5", "scale0.75"]
 
 
 def _read_json(path):
@@ -191,19 +213,6 @@ def _read_json(path):
         except json.JSONDecodeError:
             continue
     return None
-
-
-def _read_jsonl(path):
-    """Rows of a metrics.jsonl (rows that do not parse, e.g. a line cut by a kill, are skipped)."""
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for ln in f:
-                try:
-                    rows.append(json.loads(ln))
-                except json.JSONDecodeError:
-                    pass
-    return rows
 
 
 def _read_steps(path):
@@ -225,7 +234,7 @@ def _read_steps(path):
 
 
 def _fmt(v, digits=3):
-    """A table cell: numbers to `digits` significant figures, missing values as n/a."""
+    """A cell of the probe and Commands text: numbers to `digits` significant figures, missing values as n/a."""
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -233,27 +242,45 @@ def _fmt(v, digits=3):
     return str(v)
 
 
-def _last(rows, key):
-    """(step, value) of the last row in rows holding key, or (None, None)."""
-    for r in reversed(rows):
-        if key in r:
-            return r.get("step"), r[key]
-    return None, None
+def _mean_std(values):
+    """(mean, std over seeds (ddof 1; 0 for one value), n) of the values that exist, or (None, None, 0)."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def _curve(rows, key, smooth=1):
-    """(steps, values) of key over rows, a running mean over `smooth` rows."""
-    pts = [(r["step"], float(r[key])) for r in rows if key in r and "step" in r]
-    if not pts:
-        return None
-    xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-    if smooth > 1 and len(ys) > smooth:
-        ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
-        xs = xs[smooth - 1:]
-    return xs, ys
+def _cell(values, decimals):
+    """'15.0 +- 0.2' over seeds, '15.0' for one value, 'n/a' for none: fixed decimals, so columns align."""
+    m, s, n = _mean_std(values)
+    if m is None:
+        return "n/a"
+    return f"{m:.{decimals}f}" + (f" ± {s:.{decimals}f}" if n > 1 else "")
 
 
-def write_demo_report(demo_dir, out=None, elapsed=None, title="EQ-VAE in miniature"):
+def _group_runs(demo_dir, group):
+    """The runs (autoencoder names) of a group, by seed: the base is one run, a fine-tune one per ae/<group>-s<k>."""
+    if group.endswith("-base"):
+        return [group]
+    found = glob.glob(os.path.join(glob.escape(demo_dir), "ae", f"{group}-s[0-9]*"))
+    found += glob.glob(os.path.join(glob.escape(demo_dir), "eval", "*", f"{group}-s[0-9]*"))
+    names = {os.path.basename(p) for p in found if os.path.basename(p)[len(group) + 2:].isdigit()}
+    return sorted(names, key=lambda n: int(n[len(group) + 2:]))
+
+
+def _verdict(a_vals, b_vals, better, paired):
+    """How often group A beats group B: per seed against the base (paired False) or seed against seed."""
+    pairs = list(zip(a_vals, b_vals)) if paired else [(a, b_vals[0]) for a in a_vals]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return None, "n/a"
+    wins = sum((a < b) if better == "lower" else (a > b) for a, b in pairs)
+    n = len(pairs)
+    word = "holds" if wins == n else "reversed" if wins == 0 else "mixed"
+    return wins, f"{word} ({wins}/{n} seed{'s' if n > 1 else ''})" + (" - one seed is not a claim" if n == 1 else "")
+
+
+def write_demo_report(demo_dir, out=None, elapsed=None):
     """Write demo_dir/report.md (or out) from the files demo.sh produced; returns a summary dict."""
     demo_dir = os.path.abspath(demo_dir)
     out = out or os.path.join(demo_dir, "report.md")
@@ -262,128 +289,22 @@ def write_demo_report(demo_dir, out=None, elapsed=None, title="EQ-VAE in miniatu
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(out)))
     steps = _read_steps(os.path.join(demo_dir, "steps.tsv"))
     settings = _read_json(os.path.join(demo_dir, "settings.json")) or {}
+    study = STUDIES[settings.get("study", "paper")]
     probe = _read_json(os.path.join(demo_dir, "probe", "probe.json"))
-    gen_eval = (_read_json(os.path.join(demo_dir, "eval", "gen.json")) or {}).get("results", {})
+    datasets = [d for d in ("synthetic", "photos") if os.path.isdir(os.path.join(demo_dir, "eval", d))]
+    groups = [(g, label, _group_runs(demo_dir, g)) for g, label in study["groups"]]
+    groups = [(g, label, runs) for g, label, runs in groups if runs]
     figures, missing = [], []
-    L = [f"# {title}", ""]
+    L = [f"# {study['title']}", ""]
 
-    def step_ref(name):
-        return f"`{name}`" if name in steps else f"`{name}` (not run)"
+    def metric(ds, ae, source, key):
+        return (_read_json(os.path.join(demo_dir, "eval", ds, ae, f"{source}.json")) or {}).get(key)
 
-    # ---- Header: what ran, where, how long.
-    ran = [s["seconds"] for s in steps.values() if s.get("seconds") is not None]
-    L += ["Every stage of the paper at tiny scale on the built-in synthetic data (10 classes, 64 px), offline on "
-          "CPU, with the stage scripts and the flags listed under [Commands](#commands): copy a line and raise "
-          "the steps to scale it up. Numbers are as measured by this run; at this scale they show the direction "
-          "of the paper's effects, not its values.", ""]
-    L += [f"- mode: {settings.get('mode', 'n/a')}; generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}"
-          f" on {platform.node() or 'n/a'} ({os.cpu_count()} CPU(s), torch {torch.__version__}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"]
-    if elapsed is not None:
-        L += [f"- wall time of this invocation of demo.sh (before the report): {float(elapsed):.0f} s"]
-    L += [f"- compute time of all steps (each as of the run that computed it): {sum(ran):.0f} s over {len(ran)} steps"]
-    if settings:
-        L += ["- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "mode")]
-    L += [""]
+    curves = {gen: json.load(open(p)) for gen, _, _ in study["generators"]
+              for p in [os.path.join(demo_dir, "curves", f"{gen}.json")] if os.path.isfile(p)}
 
-    # ---- Gather autoencoder numbers.
-    ae_rows = {}
-    for ae, label in DEMO_AUTOENCODERS:
-        recon = _read_json(os.path.join(demo_dir, "eval", ae, "recon.json")) or {}
-        eq = _read_json(os.path.join(demo_dir, "eval", ae, "equivariance.json")) or {}
-        idj = _read_json(os.path.join(demo_dir, "eval", ae, "id.json")) or {}
-        run = os.path.isdir(os.path.join(demo_dir, "ae", ae))
-        ae_rows[ae] = dict(label=label, run=run, psnr=recon.get("psnr"), ssim=recon.get("ssim"),
-                           rot=eq.get("rotation"), scale=eq.get("scale"), twonn=idj.get("twonn"), mle=idj.get("mle"))
-
-    def gfd(gen, ae):
-        for key, r in gen_eval.items():
-            if os.path.basename(os.path.dirname(key)) == f"{gen}-{ae}" or f"/{gen}-{ae}/" in key:
-                return r
-        return {}
-
-    # ---- Table 1 style.
-    L += ["## Table 1 style: autoencoders", "",
-          "Paper Table 1: rFID, gFID, equivariance error (rotation, scale). Here: PSNR / SSIM of reconstructions "
-          "(`evaluate.py recon`, posterior sample, uint8), gFD-probe of each generator trained on the latents "
-          "(lower is better; see [the probe](#the-probe-offline-generation-metric)), equivariance error Delta "
-          "(`evaluate.py equivariance`, App. C.3, posterior mean) and TwoNN intrinsic dimension of the latents "
-          "(`evaluate.py id`, Table 5).", "",
-          "| Autoencoder | PSNR | SSIM | gFD-probe DiT | gFD-probe SiT | gFD-probe MaskGIT | Eq. err. rot | "
-          "Eq. err. scale | ID (TwoNN) |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for ae, label in DEMO_AUTOENCODERS:
-        r = ae_rows[ae]
-        if not r["run"] and r["psnr"] is None:
-            missing.append(f"autoencoder {ae}: no run folder ae/{ae}")
-        kind = ae.split("-")[0]
-        cells = [gfd(g, ae).get("gfd_probe") if k == kind else "-" for g, _, k in DEMO_GENERATORS]
-        L.append(f"| {label} (`{ae}`) | {_fmt(r['psnr'])} | {_fmt(r['ssim'])} | " + " | ".join(
-            _fmt(c) for c in cells) + f" | {_fmt(r['rot'])} | {_fmt(r['scale'])} | "
-            f"{_fmt(r['twonn']) if kind == 'kl' else '-'} |")
-    # The paper's claims, checked on these numbers (lower is better for all four).
-    checks = []
-    for kind, base, others in (("kl", "kl-base", ("kl-plain", "kl-eq")), ("vq", "vq-base", ("vq-eq",))):
-        eq = f"{kind}-eq"
-        cols = [("rot", "Eq. err. rot"), ("scale", "Eq. err. scale")] + ([("twonn", "ID (TwoNN)")] if kind == "kl" else [])
-        for key, name in cols:
-            vals = {ae: ae_rows[ae][key] for ae in (base,) + others}
-            if all(v is not None for v in vals.values()):
-                lowest = min(vals, key=vals.get) == eq
-                checks.append(f"{name}, {kind.upper()}: " + ", ".join(f"`{a}` {_fmt(v)}" for a, v in vals.items())
-                              + f": EQ-VAE lowest: {'yes' if lowest else 'no'}")
-        for gen, gname, k in DEMO_GENERATORS:
-            if k != kind:
-                continue
-            vals = {ae: gfd(gen, ae).get("gfd_probe") for ae in (base,) + others}
-            if all(v is not None for v in vals.values()):
-                lowest = min(vals, key=vals.get) == eq
-                checks.append(f"gFD-probe {gname}: " + ", ".join(f"`{a}` {_fmt(v)}" for a, v in vals.items())
-                              + f": EQ-VAE lowest: {'yes' if lowest else 'no'}")
-    if checks:
-        L += ["", "The paper's direction (EQ-VAE lowers equivariance error, intrinsic dimension and gFID), on these "
-              "numbers:", ""] + [f"- {c}" for c in checks]
-    L += ["", "Paper (ImageNet 256, for the direction of the effect): SD-VAE rFID 0.90, gFID 43.8, Eq. err. "
-          "0.89 / 0.69 -> EQ-VAE 0.82, 34.1, 0.56 / 0.43; VQ-GAN 7.94, 6.8, 1.35 / 1.22 -> EQ-VAE 7.54, 5.9, "
-          "0.64 / 0.55; ID SD-VAE 62.2 -> EQ-VAE (R+S) 39.4.", ""]
-
-    # ---- Table 2 style.
-    L += ["## Table 2 style: generators at equal steps", "",
-          "Paper Table 2: gFID of each generator trained for the same iterations on the baseline and the EQ-VAE "
-          "latents. Here: same steps, seeds and data for every latent space; gFD-probe and the probe's accuracy "
-          "on the class each sample was asked for (class-conditional samples; chance 0.1), with the floor: "
-          "gFD-probe of as many real held-out images.", "",
-          "| Generator | Autoencoder | steps | final train loss | gFD-probe | probe acc. | real-image floor |",
-          "|---|---|---|---|---|---|---|"]
-    for gen, gname, kind in DEMO_GENERATORS:
-        for ae, label in DEMO_AUTOENCODERS:
-            if not ae.startswith(kind):
-                continue
-            rows = _read_jsonl(os.path.join(demo_dir, "gen", f"{gen}-{ae}", "metrics.jsonl"))
-            step, loss = _last(rows, "loss")
-            r = gfd(gen, ae)
-            if not r and steps.get(f"sample-{gen}-{ae}", {}).get("status") != "missing":   # (else listed below)
-                missing.append(f"{gname} on {ae}: no probe-eval result ({step_ref(f'sample-{gen}-{ae}')})")
-            L.append(f"| {gname} | {label} (`{ae}`) | {_fmt(step)} | {_fmt(loss)} | {_fmt(r.get('gfd_probe'))} | "
-                     f"{_fmt(r.get('probe_accuracy'))} | {_fmt(r.get('gfd_probe_real_floor'))} |")
-    L += ["", "Paper (gFID without guidance, baseline -> EQ-VAE): DiT-B/2 43.5 -> 34.1, SiT-B/2 33.0 -> 31.2 "
-          "(400K steps); MaskGIT 6.80 -> 5.91 (300 epochs).", ""]
-
-    # ---- The probe.
-    L += ["## The probe (offline generation metric)", ""]
-    if probe:
-        L += [f"A {probe.get('feature_dim')}-feature CNN trained {probe.get('steps')} steps (seed {probe.get('seed')}) "
-              f"on {probe.get('num_images')} synthetic images: accuracy {_fmt(probe.get('train_accuracy'))} on "
-              f"training images, {_fmt(probe.get('heldout_accuracy'))} on {probe.get('num_ref')} held-out images "
-              f"(seed {probe.get('seed', 0) + 1}), whose feature mean and covariance are the gFD reference "
-              f"({step_ref('probe-train')}). gFD-probe is the Frechet distance of FID "
-              "(`evaluate.frechet_distance`) in these features; it is not comparable with FID values.", ""]
-    else:
-        missing.append("probe: probe/probe.json absent")
-        L += ["n/a: the probe was not trained.", ""]
-
-    # ---- Figures.
-    L += ["## Figures", ""]
+    def gfd_rows(gen, ae):
+        return curves.get(gen, {}).get(f"{gen}-{ae}", [])
 
     def figure(path, caption):
         if os.path.isfile(path):
@@ -392,101 +313,255 @@ def write_demo_report(demo_dir, out=None, elapsed=None, title="EQ-VAE in miniatu
         missing.append(f"figure: {caption} ({os.path.relpath(path, demo_dir)} absent)")
         return [f"(missing: {caption})", ""]
 
-    L += ["### Figure 2 style: equivariance previews", "",
-          "Rows (finetune_eqvae.py's preview at the last step): x, D(E(x)), tau x, D(tau E(x)) with tau = scale 1/2 "
-          "and a quarter turn. EQ-VAE makes the last row match the third.", ""]
-    for ae, label in DEMO_AUTOENCODERS:
-        pngs = sorted(glob.glob(os.path.join(demo_dir, "ae", ae, "previews", "*.png")))
-        L += figure(pngs[-1] if pngs else os.path.join(demo_dir, "ae", ae, "previews", "(none).png"),
-                    f"{label}: D(tau E(x)) preview")
-    L += ["### Latent PCA (Figure 1 style) and power spectra", ""]
-    spectra = {}
-    for ae, label in DEMO_AUTOENCODERS:
-        if not ae.startswith("kl"):
-            continue
-        lat = os.path.join(demo_dir, "eval", ae, "latents")
-        L += figure(os.path.join(lat, "pca_rgb.png"), f"{label}: images (top) and latent PCA as RGB (bottom)")
-        npz = os.path.join(lat, "power_spectrum.npz")
-        if os.path.isfile(npz):
-            s = np.load(npz)
-            keep = s["freqs"] > 0                              # frequency 0 is ~0 (the mean is removed per map)
-            spectra[ae] = (s["freqs"][keep], s["power"][keep] / max(float(s["power"][keep].sum()), 1e-30))
-    if spectra:
-        path = os.path.join(fig_dir, "spectra.png")
-        plot_curves(path, spectra, ylabel="log10 power (normalised)")
-        L += figure(path, "Radially averaged power spectrum of the latents (normalised to sum 1): "
-                    "more high-frequency power = a less smooth latent space")
-    else:
-        missing.append("figure: spectra (no eval/*/latents/power_spectrum.npz)")
-    L += ["### Samples", ""]
-    for gen, gname, kind in DEMO_GENERATORS:
-        for ae, label in DEMO_AUTOENCODERS:
-            if ae.startswith(kind):
-                pngs = sorted(glob.glob(os.path.join(demo_dir, "samples", f"{gen}-{ae}", "*.png")))
-                L += figure(pngs[0] if pngs else os.path.join(demo_dir, "samples", f"{gen}-{ae}", "(none).png"),
-                            f"{gname} on {label}: class-conditional samples")
-    L += ["### Loss curves", ""]
-    # Autoencoders: the L1 reconstruction term (the total adds an adaptive-weight GAN term that jumps), the
-    # fine-tunes drawn after their base's last step; under EQ-VAE half the targets are transformed images.
-    for kind, name in (("kl", "KL-VAE"), ("vq", "VQ-GAN")):
-        for key, caption in (("rec", f"{name}: L1 reconstruction loss (`rec`), base then fine-tunes"),
-                             ("eq_err_rot", f"{name}: equivariance error (rotation) on a fixed batch during training"),
-                             ("eq_err_scale", f"{name}: equivariance error (scale) on a fixed batch during training")):
-            curves, offset = {}, 0
-            for ae, label in DEMO_AUTOENCODERS:
-                if not ae.startswith(kind):
-                    continue
-                rows = _read_jsonl(os.path.join(demo_dir, "ae", ae, "metrics.jsonl"))
-                c = _curve(rows, key)
-                if ae.endswith("-base"):
-                    offset = max([r.get("step", 0) for r in rows] + [0])
-                elif c is not None:
-                    c = (c[0] + offset, c[1])
-                if c is not None and len(c[0]):
-                    curves[ae] = c
-            path = os.path.join(fig_dir, f"{key}-{kind}.png")
-            if curves:
-                plot_curves(path, curves, xlabel="step (fine-tunes start at the base's last step)",
-                            ylabel=f"log10 {key}")
-            L += figure(path, caption)
-    for gen, gname, kind in DEMO_GENERATORS:
-        curves = {}
-        for ae, label in DEMO_AUTOENCODERS:
-            if ae.startswith(kind):
-                c = _curve(_read_jsonl(os.path.join(demo_dir, "gen", f"{gen}-{ae}", "metrics.jsonl")), "loss")
-                if c is not None and len(c[0]):
-                    curves[ae] = c
-        path = os.path.join(fig_dir, f"loss-{gen}.png")
-        if curves:
-            plot_curves(path, curves, xlabel="step", ylabel="log10 training loss")
-        L += figure(path, f"{gname} training loss on each latent space (same steps, seed, data)")
+    # ---- Header: what ran, where, how long.
+    ran = [s["seconds"] for s in steps.values() if s.get("seconds") is not None]
+    L += ["Every stage at tiny scale on the built-in synthetic data (10 classes, 64 px), offline on CPU, with the stage "
+          "scripts and flags listed under [Commands](#commands). The autoencoders are fine-tuned from the tiny bases "
+          "in assets/ (the project trained them: assets/README.md), for each seed; every number is the mean ± the "
+          "standard deviation over those seeds. At this scale the numbers show whether the paper's directions "
+          "hold, not its values.", ""]
+    L += [f"- mode: {settings.get('mode', 'n/a')}, study {settings.get('study', 'paper')}, seeds "
+          f"{settings.get('seeds', 'n/a')}; generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on "
+          f"{platform.node() or 'n/a'} ({os.cpu_count()} CPU(s), torch {torch.__version__}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"]
+    if elapsed is not None:
+        L += [f"- wall time of this invocation of demo.sh (before the report): {float(elapsed):.0f} s"]
+    L += [f"- compute time of all steps (each as of the run that computed it): {sum(ran):.0f} s over {len(ran)} steps",
+          "- held-out images: " + ", ".join({"synthetic": "synthetic seed 3 (training draws seed 0)",
+                                            "photos": "crops of scikit-image's photographs (photos/)"}[d]
+                                           for d in datasets), ""]
 
-    # ---- Commands and seeds.
+    # ---- Table 1 style, per dataset.
+    gens = study["generators"]
+    for ds in datasets:
+        cols = [m for m in AE_METRICS if m[5] is None or ds in m[5]]
+        cols = [m for m in cols if any(metric(ds, ae, m[2], m[0]) is not None for _, _, runs in groups for ae in runs)]
+        with_gen = ds == "synthetic"
+        head = [c[1] for c in cols] + ([f"gFD-probe {gname}" for _, gname, _ in gens] if with_gen else [])
+        L += [f"## Table 1 style: autoencoders on {ds}", ""]
+        if ds == datasets[0]:
+            L += ["PSNR / SSIM of reconstructions (`evaluate.py recon`, posterior sample), equivariance error Delta "
+                  "(`evaluate.py equivariance`, App. C.3), TwoNN intrinsic dimension of the latents (Table 5), the "
+                  "share of block-DCT amplitude at high frequencies (u + v >= 8; Skorokhodov et al.), and the "
+                  "gFD-probe of each generator at its last step (lower is better; [the probe](#the-probe)). "
+                  "Generators train on the seed-0 fine-tune" + (" of every seed" if settings.get("study") ==
+                  "regularizers" else "") + ".", ""]
+        L += ["| Autoencoder | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+        for g, label, runs in groups:
+            cells = [_cell([metric(ds, ae, c[2], c[0]) for ae in runs], c[4]) for c in cols]
+            if with_gen:
+                cells += [_cell([(gfd_rows(gen, ae) or [{}])[-1].get("gfd_probe") for ae in runs], 1)
+                          if g.startswith(kind) else "-" for gen, _, kind in gens]
+            L.append(f"| {label} (`{g}`) | {len(runs)} | " + " | ".join(cells) + " |")
+        L += [""]
+
+    # ---- The claims, seed by seed.
+    L += ["## The paper's claims, seed by seed", "",
+          "A claim holds when the regularised autoencoder A is better than B on every seed (against the base: each "
+          "fine-tune seed against the one base; against another fine-tune: seed s against seed s). For the "
+          "generators the count is over the checkpoints of the convergence curves (one run each).", "",
+          "| claim | metric | " + " | ".join(datasets) + " |", "|---|---|" + "---|" * len(datasets)]
+    runs_of = {g: runs for g, _, runs in groups}
+    holds = []
+    for a, b in study["claims"]:
+        if a not in runs_of or b not in runs_of:
+            continue
+        for key, name, source, better, dec, only in AE_METRICS:
+            cells = []
+            for ds in datasets:
+                av = [metric(ds, ae, source, key) for ae in runs_of[a]]
+                bv = [metric(ds, ae, source, key) for ae in runs_of[b]]
+                wins, verdict = _verdict(av, bv, better, paired=not b.endswith("-base"))
+                cells.append("-" if wins is None else f"{_cell(av, dec)} vs {_cell(bv, dec)}: {verdict}")
+                if wins is not None:
+                    holds.append((f"{a} vs {b}", ds, name, verdict))
+            if any(c != "-" for c in cells):
+                L.append(f"| `{a}` {'<' if better == 'lower' else '>'} `{b}` | {name} | " + " | ".join(cells) + " |")
+        for gen, gname, kind in gens:
+            ra, rb = gfd_rows(gen, runs_of[a][0]), gfd_rows(gen, runs_of[b][0])
+            pts = [(x.get("gfd_probe"), y.get("gfd_probe")) for x, y in zip(ra, rb) if x["step"] == y["step"]]
+            if a.startswith(kind) and pts:
+                wins = sum(x < y for x, y in pts)
+                word = "holds" if wins == len(pts) else "reversed" if wins == 0 else "mixed"
+                L.append(f"| `{a}` < `{b}` | gFD-probe {gname} | {pts[-1][0]:.1f} vs {pts[-1][1]:.1f} at the last "
+                         f"step: {word} ({wins}/{len(pts)} checkpoints) |" + " - |" * (len(datasets) - 1))
+    L += ["", "Paper (ImageNet 256, for the direction): SD-VAE rFID 0.90, gFID 43.8, Eq. err. 0.89 / 0.69 -> "
+          "EQ-VAE 0.82, 34.1, 0.56 / 0.43; VQ-GAN 7.94, 6.8, 1.35 / 1.22 -> EQ-VAE 7.54, 5.9, 0.64 / 0.55; ID "
+          "SD-VAE 62.2 -> EQ-VAE (R+S) 39.4. Generators (gFID, no guidance): DiT-B/2 43.5 -> 34.1, SiT-B/2 33.0 -> "
+          "31.2 (400K steps); MaskGIT 6.80 -> 5.91.", ""]
+
+    # ---- Equivariance per transformation: where the scale error comes from.
+    L += ["## Equivariance error per transformation", "",
+          "Delta for each rotation and scale of App. C.3, mean ± std over seeds.", ""]
+    for ds in datasets:
+        L += [f"**{ds}**", "", "| Autoencoder | " + " | ".join(TRANSFORMS) + " |", "|---|" + "---|" * len(TRANSFORMS)]
+        for g, label, runs in groups:
+            L.append(f"| {label} | " + " | ".join(_cell([metric(ds, ae, "equivariance", t) for ae in runs], 3)
+                                                  for t in TRANSFORMS) + " |")
+        L += [""]
+        per_scale = {}
+        for g, label, runs in groups:
+            stats = [_mean_std([metric(ds, ae, "equivariance", f"scale{s}") for ae in runs]) for s in (0.25, 0.5, 0.75)]
+            if all(m is not None for m, _, _ in stats):
+                per_scale[g] = ([0.25, 0.5, 0.75], [m for m, _, _ in stats], [s for _, s, _ in stats])
+        path = os.path.join(fig_dir, f"scale-error-{ds}.png")
+        if per_scale:
+            plot_curves(path, per_scale, xlabel="scale factor s", ylabel="equivariance error", log_y=False,
+                        title=f"{ds}: mean over seeds, band +-1 std")
+        L += figure(path, f"Equivariance error against the scale factor on {ds}")
+
+    # ---- Table 2 style and the convergence curves.
+    L += ["## Table 2 style: generators, and their convergence", "",
+          "gFD-probe of every EMA checkpoint (`curves.py`), each latent space with the same steps, seed and data; "
+          "the last column is the probe's accuracy on the class each sample was asked for (chance 0.1).", ""]
+    for gen, gname, kind in gens:
+        by_group, table = {}, []
+        for g, label, runs in groups:
+            if not g.startswith(kind):
+                continue
+            rows_by_seed = [gfd_rows(gen, ae) for ae in runs if gfd_rows(gen, ae)]
+            if not rows_by_seed:
+                missing.append(f"{gname} on {g}: no curves/{gen}.json entry ({gen}-{runs[0]})")
+                continue
+            steps_ = [r["step"] for r in rows_by_seed[0]]
+            vals = [[r.get("gfd_probe") for r in rows] for rows in rows_by_seed if len(rows) == len(steps_)]
+            table.append(f"| {label} | " + " | ".join(_cell([v[i] for v in vals], 1) for i in range(len(steps_)))
+                         + f" | {_cell([rows[-1].get('probe_accuracy') for rows in rows_by_seed], 3)} |")
+            stats = [_mean_std([v[i] for v in vals]) for i in range(len(steps_))]
+            by_group[g] = (steps_, [m for m, _, _ in stats], [s for _, s, _ in stats])
+        if table:
+            L += [f"**{gname}**", "", f"| Autoencoder | " + " | ".join(f"step {x}" for x in steps_) + " | accuracy |",
+                  "|---|" + "---|" * (len(steps_) + 1)] + table + [""]
+        path = os.path.join(fig_dir, f"convergence-{gen}.png")
+        if by_group:
+            plot_curves(path, by_group, xlabel="training step", ylabel="gFD-probe", log_y=False,
+                        title=f"{gname}: gFD-probe of the EMA weights" + (", band +-1 std over seeds"
+                                                                           if settings.get("study") == "regularizers" else ""))
+        L += figure(path, f"{gname}: gFD-probe against training steps on each latent space (Figure 1 right)")
+    L += ["Paper: DiT-XL/2 reaches the baseline's gFID about 7x sooner on EQ-VAE latents (Figure 1 right).", ""]
+
+    # ---- Pictures: previews, latent PCA, spectra, samples.
+    L += ["## Figures", "", "### Figure 2 style: equivariance previews", "",
+          "The same held-out images for every model; rows x, D(E(x)), tau x, D(E(tau x)), D(tau E(x)) with tau = "
+          "scale 1/2 and a quarter turn. EQ-VAE makes the last row look like tau x. Seed-0 fine-tunes at their last "
+          "step; the base's is step 0 of a fine-tune of it.", ""]
+    for g, label, runs in groups:
+        kind = g.split("-")[0]
+        if g.endswith("-base"):
+            first = sorted(glob.glob(os.path.join(glob.escape(demo_dir), "ae", f"{kind}-*-s*", "previews", "0000000.png")))
+            png = first[0] if first else os.path.join(demo_dir, "ae", f"{kind}-(none)", "previews", "0000000.png")
+        else:
+            pngs = sorted(glob.glob(os.path.join(glob.escape(demo_dir), "ae", runs[0], "previews", "*.png")))
+            png = pngs[-1] if pngs else os.path.join(demo_dir, "ae", runs[0], "previews", "(none).png")
+        L += figure(png, f"{label}: Figure 2 rows")
+    L += ["### Latent PCA (Figure 1 style), side by side", ""]
+    pca, spectra, dct = [], {}, {}
+    for g, label, runs in groups:
+        npz = os.path.join(demo_dir, "eval", "synthetic", runs[0], "latents", "power_spectrum.npz")
+        if not os.path.isfile(npz):
+            continue
+        with np.load(npz) as f:
+            if "pca_rgb" in f.files:
+                if not pca:
+                    pca.append(("images", torch.from_numpy(f["images"])))
+                pca.append((label, torch.from_numpy(f["pca_rgb"])))
+            keep = f["freqs"] > 0                                  # frequency 0 is ~0 (the mean is removed per map)
+            spectra[g] = (f["freqs"][keep], f["power"][keep] / max(float(f["power"][keep].sum()), 1e-30))
+            if "dct_latent" in f.files:
+                dct.setdefault("RGB", (np.arange(1, len(f["dct_rgb"])), f["dct_rgb"][1:]))
+                dct[g] = (np.arange(1, len(f["dct_latent"])), f["dct_latent"][1:])
+    path = os.path.join(fig_dir, "latent-pca.png")
+    if pca:
+        size = pca[0][1].shape[-1]
+        rows = [F.interpolate(t.float(), size=(size, size), mode="nearest") for _, t in pca]
+        data.save_image_grid(torch.cat(rows) * 2 - 1, path, nrow=len(rows[0]), row_labels=[n for n, _ in pca])
+    L += figure(path, "Held-out images (top) and the top-3 principal components of each model's latents as RGB "
+                "(one colour scale for all: +-2.5 std), 128 px inputs, 16 x 16 latents")
+    path = os.path.join(fig_dir, "spectra.png")
+    if spectra:
+        plot_curves(path, spectra, ylabel="log10 power (normalised)")
+    L += figure(path, "Radially averaged power spectrum of the latents (normalised to sum 1)")
+    path = os.path.join(fig_dir, "dct-spectra.png")
+    if dct:
+        plot_curves(path, dct, xlabel="zigzag index (8 x 8 block DCT)", ylabel="log10 amplitude / DC")
+    L += figure(path, "Block-DCT amplitude of the latents and of the images (Skorokhodov et al.): a latent "
+                "closer to the RGB curve has fewer spurious high frequencies")
+    L += ["### Samples at the last checkpoint", ""]
+    for gen, gname, kind in gens:
+        for g, label, runs in groups:
+            if g.startswith(kind) and gfd_rows(gen, runs[0]):
+                L += figure(os.path.splitext(gfd_rows(gen, runs[0])[-1].get("samples", ""))[0] + ".png",
+                            f"{gname} on {label}: class-conditional samples")
+
+    # ---- The probe, commands, what is missing.
+    L += ["## The probe", ""]
+    if probe:
+        L += [f"A {probe.get('feature_dim')}-feature CNN trained {probe.get('steps')} steps on "
+              f"{probe.get('num_images')} synthetic images: accuracy {_fmt(probe.get('train_accuracy'))} on training "
+              f"images, {_fmt(probe.get('heldout_accuracy'))} on {probe.get('num_ref')} held-out images, whose feature "
+              "mean and covariance are the gFD reference. gFD-probe is FID's Frechet distance "
+              "(`evaluate.frechet_distance`) in these features; it ranks latent spaces here and is not comparable "
+              "with FID values.", ""]
+    else:
+        missing.append("probe: probe/probe.json absent")
+        L += ["n/a: the probe was not trained.", ""]
     L += ["## Commands", "",
-          "Every number above comes from these commands (seeds are in the flags: `--global-seed` of the training "
-          "and sampling scripts, `--seed` of the probe; the synthetic data is a fixed function of its seed). "
-          "`reused`: a previous run of demo.sh had finished the step, its outputs were kept.", "",
+          "Every number above comes from these commands (seeds are in the flags; the synthetic data is a fixed "
+          "function of its seed). `reused`: a previous run of demo.sh had finished the step.", "",
           "| step | status | seconds | command |", "|---|---|---|---|"]
     for name, s in steps.items():
         if s["status"] == "missing":
             missing.append(f"step {name}: {s['cmd']}")
-        cmd = s["cmd"].replace("|", "\\|")
-        L.append(f"| `{name}` | {s['status']} | {_fmt(s['seconds'], 4)} | `{cmd}` |")
-    L += [""]
-
-    L += ["## Missing", ""]
-    missing = list(dict.fromkeys(missing))                                       # each once, in order
+        L.append(f"| `{name}` | {s['status']} | {_fmt(s['seconds'], 4)} | `{s['cmd'].replace('|', chr(92) + '|')}` |")
+    L += ["", "## Missing", ""]
+    missing = list(dict.fromkeys(missing))
     L += [f"- {m}" for m in missing] if missing else ["Nothing: every table cell and figure was produced."]
     L += [""]
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(L))
     os.replace(tmp, out)
-    return {"report": out, "figures": len(figures), "missing": missing, "steps": len(steps)}
+    return {"report": out, "figures": len(figures), "missing": missing, "steps": len(steps), "claims": holds}
 
 
 #################################################################################
-#                      Commands: probe-train, probe-eval, report                #
+#              Real photographs: crops of the images scikit-image ships         #
+#################################################################################
+# The synthetic images are the project's own; the claims also need photographs it did not make, held out from
+# every training run. scikit-image bundles a few (astronaut, coffee, the Hubble deep field, ...); random square
+# crops of them, area-resized, make an ImageFolder (one subfolder per photograph). Optional: the demo notes its
+# absence when scikit-image is not installed (it is a test requirement, not a run-time one).
+PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
+          "stereo_motorcycle", "camera", "moon", "coins", "grass", "gravel", "brick", "clock")
+
+
+def make_photo_set(out, resolution=64, crops=16, seed=0):
+    """out/<photo>/<k>.png: `crops` random square crops (side >= a third of the short side) of each photograph
+    (both views of stereo_motorcycle; grayscale ones as gray RGB), INTER_AREA-resized to resolution. Returns the
+    number of images."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise OSError("the photograph set needs scikit-image (pip install scikit-image)") from None
+    rng = np.random.default_rng(seed)
+    count = 0
+    for name in PHOTOS:
+        img = getattr(skimage.data, name)()
+        views = list(img[:2]) if name == "stereo_motorcycle" else [img]           # (left, right, disparity)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        for k in range(crops):
+            arr = np.asarray(data.to_rgb8(Image.fromarray(views[k % len(views)])))
+            h, w = arr.shape[:2]
+            side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            small = data.area_resize(arr[y:y + side, x:x + side], resolution, resolution)
+            Image.fromarray(small).save(os.path.join(out, name, f"{k:03d}.png"))
+            count += 1
+    return count
+
+
+#################################################################################
+#                  Commands: probe-train, probe-eval, photos, report            #
 #################################################################################
 
 def cmd_probe_train(args):
@@ -515,6 +590,13 @@ def cmd_probe_eval(args):
     return out
 
 
+def cmd_photos(args):
+    out = {"photos": args.out, "num_images": make_photo_set(args.out, args.resolution, args.crops, args.seed),
+           "sources": [f"skimage.data.{n}" for n in PHOTOS]}
+    report(out, [], f"photograph crops in {args.out}")
+    return out
+
+
 def cmd_report(args):
     out = write_demo_report(args.demo_dir, args.out, args.elapsed)
     report(out, out["missing"], f"demo report {out['report']}")
@@ -522,17 +604,17 @@ def cmd_report(args):
 
 
 def add_demo_commands(sub):
-    """Register probe-train, probe-eval and report on the subparsers; returns {name: handler}."""
+    """Register probe-train, probe-eval, photos and report on the subparsers; returns {name: handler}."""
     p = sub.add_parser("probe-train", help="train the demo's probe classifier on the synthetic classes")
     p.add_argument("--out", required=True, help="probe checkpoint (.pt); results also go to the .json beside it")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=64, help="image side")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
     p.add_argument("--num-images", type=int, default=2048, help="training images (SyntheticImages seed --seed)")
     p.add_argument("--num-ref", type=int, default=1000, help="held-out images (seed --seed + 1): the gFD reference")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300, help="Adam steps")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="of the training images and the initialisation")
 
     p = sub.add_parser("probe-eval", help="gFD-probe and probe accuracy of samples (offline FID stand-in)")
     p.add_argument("samples", nargs="+", help="ADM .npz (arr_0 uint8 NHWC, arr_1 labels) or image folders")
@@ -540,11 +622,17 @@ def add_demo_commands(sub):
     p.add_argument("--floor-seed", type=int, default=2,
                    help="also measure as many real images of this seed (the small-sample floor)")
 
+    p = sub.add_parser("photos", help="crops of scikit-image's photographs, a held-out set of real images")
+    p.add_argument("--out", required=True, help="folder to write (an ImageFolder)")
+    p.add_argument("--resolution", type=int, default=64, help="side of the crops, after resizing")
+    p.add_argument("--crops", type=int, default=16, help="crops per photograph")
+    p.add_argument("--seed", type=int, default=0, help="of the crop positions and sizes")
+
     p = sub.add_parser("report", help="write the demo's report.md from its results folder")
-    p.add_argument("--demo-dir", required=True)
+    p.add_argument("--demo-dir", required=True, help="the folder demo.sh wrote (DEMO_DIR)")
     p.add_argument("--out", default=None, help="default: DEMO_DIR/report.md")
     p.add_argument("--elapsed", type=float, default=None, help="wall seconds of the demo run so far")
-    return {"probe-train": cmd_probe_train, "probe-eval": cmd_probe_eval, "report": cmd_report}
+    return {"probe-train": cmd_probe_train, "probe-eval": cmd_probe_eval, "photos": cmd_photos, "report": cmd_report}
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@ Stage 4: every number the EQ-VAE paper reports, from one script.
     python evaluate.py recon --vae PATH --data D        # rFID, PSNR, SSIM, LPIPS (the official EQ-VAE eval.py)
     python evaluate.py equivariance --vae PATH --data D # equivariance error Delta (App. C.3)
     python evaluate.py id LATENTS.npy                   # intrinsic dimension: TwoNN (Table 5) and Levina-Bickel MLE
-    python evaluate.py latents --vae PATH --data D --out DIR   # PCA-as-RGB pictures (Fig. 1), power spectrum
+    python evaluate.py latents --vae PATH --data D --out DIR   # PCA-as-RGB pictures (Fig. 1), power and DCT spectra
+    python evaluate.py alignment --vae PATH --data D    # the latent's alignment with DINOv2 (CKA, projected cosine)
     python evaluate.py latent-stats --vae PATH --data D [--write EXPORT]  # the shift and scale a generator needs
 
 Each run prints one JSON object on stdout and a readable table on stderr. Feature extraction runs on every rank
@@ -644,14 +645,20 @@ def mle_id(points, k=20, device="cpu"):
 #                   Latent pictures: PCA as RGB (Fig. 1), spectrum               #
 #################################################################################
 
-def pca_rgb(latents):
+def pca_rgb(latents, scale="image"):
     """(N, C, h, w) latents -> (N, 3, h, w) in [0, 1]: the top 3 principal components over all positions of all
-    images (first component in red), min-max normalised per image (the official vis_latent.py)."""
+    images (first component in red). scale "image": min-max per image (the official vis_latent.py); "sigma": one
+    rule for every model, 0.5 + component / (5 std) clipped (+-2.5 standard deviations span the colour range) with
+    each component's sign fixed (its largest loading positive), so pictures of different latent spaces compare."""
     n, c, h, w = latents.shape
     x = latents.permute(0, 2, 3, 1).reshape(-1, c).double()
     x = x - x.mean(0)
-    _, vecs = torch.linalg.eigh(x.t() @ x / max(1, len(x) - 1))
-    rgb = (x @ vecs[:, -3:].flip(1)).reshape(n, h, w, 3).permute(0, 3, 1, 2)
+    vals, vecs = torch.linalg.eigh(x.t() @ x / max(1, len(x) - 1))
+    vecs = vecs[:, -3:].flip(1)
+    vecs = vecs * torch.sign(vecs.gather(0, vecs.abs().argmax(0, keepdim=True)))
+    rgb = (x @ vecs).reshape(n, h, w, 3).permute(0, 3, 1, 2)
+    if scale == "sigma":
+        return (0.5 + rgb / (5 * vals.flip(0)[:3].clamp_min(1e-12).sqrt().view(1, 3, 1, 1))).clamp(0, 1).float()
     lo = rgb.flatten(1).min(1).values.view(n, 1, 1, 1)
     hi = rgb.flatten(1).max(1).values.view(n, 1, 1, 1)
     return ((rgb - lo) / (hi - lo + 1e-8)).float()
@@ -672,32 +679,59 @@ def radial_power_spectrum(latents):
     return np.arange(rmax + 1), (sums / counts)[:rmax + 1].numpy()
 
 
-def plot_curves(path, curves, xlabel="frequency (cycles / latent)", ylabel="log10 power", size=(640, 480)):
-    """A line plot (PNG, PIL only) of {label: (x, y)} curves with log10 y."""
+def _nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    raw = max(hi - lo, 1e-12) / n
+    step = min((m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return np.arange(np.ceil(lo / step) * step, hi + step * 1e-6, step)
+
+
+def plot_curves(path, curves, xlabel="frequency (cycles / latent)", ylabel="power", log_y=True, title="",
+                size=(720, 440)):
+    """
+    A line plot (PNG, PIL only) of {label: (x, y)} or {label: (x, y, spread)} curves: points marked, a band of
+    +-spread where given (e.g. the standard deviation over seeds), round ticks (log10 y: labelled 10^k), the legend
+    in its own column right of the axes, so it never covers a curve.
+    """
     from PIL import ImageDraw
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 70, 20, size[0] - 20, size[1] - 50
-    logged = {k: (np.asarray(x, float), np.log10(np.maximum(np.asarray(y, float), 1e-30)))
-              for k, (x, y) in curves.items()}
-    xs = np.concatenate([v[0] for v in logged.values()])
-    ys = np.concatenate([v[1] for v in logged.values()])
+    legend_w = 12 + 6 * max(len(k) for k in curves)
+    left, top, right, bottom = 64, 28, size[0] - legend_w - 16, size[1] - 46
+    tf = (lambda v: np.log10(np.maximum(v, 1e-30))) if log_y else (lambda v: v)
+    data_ = {}
+    for k, c in curves.items():
+        x, y = np.asarray(c[0], float), np.asarray(c[1], float)
+        s = np.asarray(c[2], float) if len(c) > 2 else np.zeros_like(y)
+        data_[k] = (x, tf(y), tf(np.maximum(y - s, 1e-30) if log_y else y - s), tf(y + s))
+    xs = np.concatenate([d[0] for d in data_.values()])
+    ys = np.concatenate([np.concatenate(d[1:]) for d in data_.values()])
     x0, x1 = xs.min(), max(xs.max(), xs.min() + 1e-9)
     y0, y1 = ys.min(), max(ys.max(), ys.min() + 1e-9)
+    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
     px = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
     py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
     draw.rectangle([left, top, right, bottom], outline="black")
-    for i in range(5):                                               # axis ticks
-        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        draw.text((px(xv) - 10, bottom + 5), f"{xv:.3g}", fill="black")
-        draw.text((5, py(yv) - 5), f"{yv:.3g}", fill="black")
-    draw.text(((left + right) // 2 - 60, size[1] - 20), xlabel, fill="black")
-    draw.text((5, 3), ylabel, fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    for i, (label, (x, y)) in enumerate(logged.items()):
+    for xv in _nice_ticks(x0, x1):
+        draw.line([(px(xv), bottom), (px(xv), bottom + 4)], fill="black")
+        draw.text((px(xv) - 3 * len(f"{xv:g}"), bottom + 6), f"{xv:g}", fill="black")
+    for yv in (np.arange(np.ceil(y0), np.floor(y1) + 1) if log_y and y1 - y0 >= 2 else _nice_ticks(y0, y1)):
+        draw.line([(left - 4, py(yv)), (left, py(yv))], fill="black")
+        draw.text((4, py(yv) - 5), f"1e{yv:g}" if log_y and y1 - y0 >= 2 else
+                  f"{10 ** yv:.3g}" if log_y else f"{yv:.3g}", fill="black")
+    draw.text(((left + right) // 2 - 3 * len(xlabel), size[1] - 20), xlabel, fill="black")
+    draw.text((4, 8), ylabel + (f"  ({title})" if title else ""), fill="black")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+    for i, (label, (x, y, lo, hi)) in enumerate(data_.items()):
         c = colors[i % len(colors)]
+        if np.any(hi > lo):
+            draw.polygon([(px(a), py(b)) for a, b in zip(x, hi)] + [(px(a), py(b)) for a, b in zip(x[::-1], lo[::-1])],
+                         outline=c)
         draw.line([(px(a), py(b)) for a, b in zip(x, y)], fill=c, width=2)
-        draw.text((right - 150, top + 10 + 15 * i), label, fill=c)
+        for a, b in zip(x, y):
+            draw.ellipse([px(a) - 2, py(b) - 2, px(a) + 2, py(b) + 2], fill=c)
+        draw.line([(right + 12, top + 8 + 16 * i), (right + 24, top + 8 + 16 * i)], fill=c, width=3)
+        draw.text((right + 28, top + 3 + 16 * i), label, fill=c)
     img.save(path)
 
 
@@ -742,8 +776,25 @@ def autoencoder_loader(args, dist):
     return vae, dataset, loader
 
 
+def weights_or_skip(args, notes, what, load):
+    """load() the pretrained network a metric needs. With --preset tiny a missing weight file skips that metric
+    with a note (the offline runs); otherwise its error says where to put the file and which flag names it."""
+    try:
+        return load()
+    except FileNotFoundError as e:
+        if not args.preset:
+            raise
+        notes.append(f"{what} skipped: {e}")
+        return None
+
+
 def cmd_fid(args, dist):
-    model = load_inception(args.inception, args.protocol).to(dist.device)
+    notes = []
+    model = weights_or_skip(args, notes, "FID, sFID, IS, precision, recall",
+                            lambda: load_inception(args.inception, args.protocol).to(dist.device))
+    if model is None:
+        return report(dict.fromkeys(("fid", "sfid", "inception_score", "precision", "recall")), notes) \
+            if dist.is_main else None
     samples, ref = data.open_images(args.samples), read_reference(args.reference)
     results, notes = evaluate_samples(samples, ref, model, dist, args.batch_size, args.cache_dir,
                                       pr_fp16=args.pr_distances == "fp16")
@@ -752,21 +803,24 @@ def cmd_fid(args, dist):
 
 
 def cmd_stats(args, dist):
-    model = load_inception(args.inception, args.protocol).to(dist.device)
+    notes = []
+    model = weights_or_skip(args, notes, "statistics (mu, sigma, mu_s, sigma_s)",
+                            lambda: load_inception(args.inception, args.protocol).to(dist.device))
     images = data.open_images(args.images)
-    pool, spatial = extract_features(images, model, dist, args.batch_size, args.cache_dir)
+    pool, spatial = extract_features(images, model, dist, args.batch_size, args.cache_dir) if model else ([], [])
     if not dist.is_main:
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = dict(zip(("mu", "sigma", "mu_s", "sigma_s"), compute_statistics(pool) + compute_statistics(spatial)))
+        stats = {} if model is None else dict(zip(("mu", "sigma", "mu_s", "sigma_s"),
+                                                  compute_statistics(pool) + compute_statistics(spatial)))
     # An ADM reference batch: arr_0 (uint8 NHWC; ADM keeps 10K images for precision/recall) beside the statistics
     # of every image, which ADM's evaluator takes instead of recomputing them; `protocol` records how they were made.
     kept = images.read(0, min(args.keep_images, len(images))) if args.keep_images > 0 else None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data.save_npz(args.out, kept, **stats, protocol=np.array(args.protocol))
-    report({"out": args.out, "num_images": len(pool), "images_kept": 0 if kept is None else len(kept),
-            "protocol": args.protocol}, sorted({str(w.message) for w in caught}), f"statistics of {args.images}")
+    report({"out": args.out, "num_images": len(images), "images_kept": 0 if kept is None else len(kept),
+            "protocol": args.protocol}, notes + sorted({str(w.message) for w in caught}), f"statistics of {args.images}")
 
 
 def posterior_sample(vae, x, first_index, seed):
@@ -784,8 +838,11 @@ def posterior_sample(vae, x, first_index, seed):
 def cmd_recon(args, dist):
     vae, dataset, loader = autoencoder_loader(args, dist)
     # rFID as the official eval.py: pytorch-fid's calculate_fid_given_paths on the PNGs, i.e. its preprocessing.
-    inception = None if args.no_fid else load_inception(args.inception, "pytorch-fid").to(dist.device)
-    lpips = None if args.no_lpips else checkpoints.load_lpips(args.lpips_vgg, args.lpips_lin).to(dist.device)
+    skipped = []
+    inception = None if args.no_fid else weights_or_skip(
+        args, skipped, "rFID", lambda: load_inception(args.inception, "pytorch-fid").to(dist.device))
+    lpips = None if args.no_lpips else weights_or_skip(
+        args, skipped, "LPIPS", lambda: checkpoints.load_lpips(args.lpips_vgg, args.lpips_lin).to(dist.device))
     decode = decoder_fn(vae)
     if args.save_png and dist.is_main:
         for sub in ("ref", "recon"):
@@ -818,7 +875,7 @@ def cmd_recon(args, dist):
     results = {"psnr": float(rows[:, 0].mean()), "ssim": float(rows[:, 1].mean())}
     if lpips is not None:
         results["lpips"] = float(rows[:, 2].mean())
-    notes = [f"SSIM as {args.ssim}; latents: posterior samples seeded by (--seed {args.seed}, image index)"]
+    notes = skipped + [f"SSIM as {args.ssim}; latents: posterior samples seeded by (--seed {args.seed}, image index)"]
     if inception is not None:
         col = 3 if lpips is not None else 2
         with warnings.catch_warnings(record=True) as caught:
@@ -916,10 +973,8 @@ def cmd_id(args, dist):
     if not dist.is_main:
         return
     points = np.asarray(z, np.float64).reshape(len(z), -1)
-    results = {"twonn": twonn(points, device=dist.device), "mle": mle_id(points, k=args.k, device=dist.device),
-               "mle_k": args.k,
-               "num_points": len(points), "ambient_dim": points.shape[1]}
-    report(results, [], f"intrinsic dimension of {source}")
+    report({"twonn": twonn(points, device=dist.device), "mle": mle_id(points, k=args.k, device=dist.device),
+            "mle_k": args.k, "num_points": len(points), "ambient_dim": points.shape[1]}, [], f"intrinsic dimension of {source}")
 
 
 def cmd_latents(args, dist):
@@ -929,21 +984,56 @@ def cmd_latents(args, dist):
     z = torch.as_tensor(z)
     os.makedirs(args.out, exist_ok=True)
     n = min(args.num_show, len(x))                     # x: rank 0's shard, the first images
-    size = x.shape[-1]
-    images = (x[:n].float() + 1) / 2
-    save_grid(os.path.join(args.out, "pca_rgb.png"), [images, pca_rgb(z[:n])], cell=size)
+    images, pca = (x[:n].float() + 1) / 2, pca_rgb(z, args.pca_scale)[:n]
+    save_grid(os.path.join(args.out, "pca_rgb.png"), [images, pca], cell=x.shape[-1])
     freqs, power = radial_power_spectrum(z)
     # Radius 0 (the mean, removed per map) is left out of the log plot.
     plot_curves(os.path.join(args.out, "power_spectrum.png"), {"latent": (freqs[1:], power[1:])})
-    np.savez(os.path.join(args.out, "power_spectrum.npz"), freqs=freqs, power=power)
-    report({"pca_rgb": os.path.join(args.out, "pca_rgb.png"),
-            "power_spectrum": os.path.join(args.out, "power_spectrum.png"),
-            "num_latents": len(z), "latent_shape": list(z.shape[1:]),
-            "spectrum": [float(p) for p in power]}, [], f"latent pictures of {args.vae} on {args.data}")
+    # The block DCT view of the diffusability paper: the latent's curve against the images' own.
+    block = min(8, *z.shape[-2:])
+    dct = {"latent": models.block_dct_spectrum(z, block), "RGB": models.block_dct_spectrum(x, block)}
+    plot_curves(os.path.join(args.out, "dct_spectrum.png"), {k: (np.arange(1, block * block), v[1:])
+                for k, v in dct.items()}, xlabel=f"zigzag index ({block} x {block} DCT)", ylabel="amplitude / DC")
+    np.savez(os.path.join(args.out, "power_spectrum.npz"), freqs=freqs, power=power, dct_latent=dct["latent"],
+             dct_rgb=dct["RGB"], images=images.numpy(), pca_rgb=pca.numpy())
+    report({**{k: os.path.join(args.out, f"{k}.png") for k in ("pca_rgb", "power_spectrum", "dct_spectrum")},
+            "num_latents": len(z), "latent_shape": list(z.shape[1:]), "spectrum": [float(p) for p in power],
+            **{f"dct_high_freq_{k.lower()}": models.high_frequency_share(v) for k, v in dct.items()}}, [],
+           f"latent pictures of {args.vae} on {args.data}")
+
+
+@torch.no_grad()
+def cmd_alignment(args, dist):
+    """How much the latent says what DINOv2 says, position by position (what VA-VAE's VF loss trains): linear CKA
+    of latent and DINOv2 tokens, and the mean cosine after a least-squares 1x1 projection fitted on the even images,
+    measured on the odd ones. DINOv2 sees each image at 14 px per latent position, as --regularizer vf in training."""
+    notes = []
+    encoder = weights_or_skip(args, notes, "alignment", lambda: checkpoints.load_dinov2(args.dinov2_model, args.dinov2))
+    if args.dinov2_model == "dinov2_tiny":
+        notes.append("dinov2_tiny has RANDOM weights: the numbers exercise the code, they say nothing about DINOv2")
+    if encoder is None:
+        return report({"cka": None, "projected_cos": None}, notes) if dist.is_main else None
+    vae, _, loader = autoencoder_loader(args, dist)
+    encoder, encode, pairs = encoder.to(dist.device), encoder_fn(vae, "mean"), []
+    for x, _ in tqdm(loader, desc="alignment", disable=not dist.is_main, file=sys.stderr, leave=False):
+        z = encode(x.to(dist.device)).double()                               # (B, C, h, w) -> tokens (B, h w, C)
+        f = encoder.forward_features(models.dinov2_preprocess(x.to(dist.device), tuple(
+            n * encoder.patch_size for n in z.shape[-2:])))["x_norm_patchtokens"].double()
+        pairs.append(torch.cat([z.flatten(2).transpose(1, 2), f], -1).cpu())  # (B, h w, C + D)
+    rows = gather_rows(torch.cat(pairs).flatten(1).numpy(), dist)
+    if not dist.is_main:
+        return
+    both, c = torch.from_numpy(rows).view(len(rows), pairs[0].shape[1], -1), z.shape[1]
+    t, f = both[..., :c], both[..., c:]
+    w = torch.linalg.lstsq(t[0::2].reshape(-1, c), f[0::2].reshape(-1, f.shape[-1])).solution
+    cos = F.cosine_similarity(t[1::2].reshape(-1, c) @ w, f[1::2].reshape(-1, f.shape[-1]), dim=-1)
+    report({"cka": models.linear_cka(t.reshape(-1, c), f.reshape(-1, f.shape[-1])), "projected_cos": float(cos.mean()),
+            "num_images": len(rows), "tokens_per_image": t.shape[1], "dinov2": args.dinov2_model}, notes,
+           f"alignment of {args.vae}'s latents with {args.dinov2_model}")
 
 
 # --preset tiny for the autoencoder metrics: the CPU-sized setting of every stage, 64 px synthetic images.
-PRESETS = {"tiny": dict(data="synthetic", resolution=64, num_images=256, num_workers=0)}
+PRESETS = {"tiny": dict(data="synthetic", resolution=64, num_images=256, num_workers=0, dinov2_model="dinov2_tiny")}
 
 
 def main(argv=None):
@@ -951,7 +1041,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="metric", required=True)
 
     def common(p, inception=False, vae=False):
-        p.add_argument("--batch-size", type=int, default=64 if inception else 32)
+        p.add_argument("--batch-size", type=int, default=64 if inception else 32, help="images per forward")
         if inception:
             p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS_FILE} (default: torch hub cache)")
             p.add_argument("--cache-dir", default=None, help="keep features per chunk here; a rerun resumes")
@@ -959,17 +1049,19 @@ def main(argv=None):
             p.add_argument("--protocol", choices=PROTOCOLS, default="adm",
                            help="adm: ADM evaluator's TF1 resize and (x - 128) / 128 (the papers' tables); "
                                 "pytorch-fid: torch bilinear resize and 2x - 1")
+        p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="tiny: 256 synthetic 64 px images, no loader workers, and metrics whose weights are not "
+                            "on disk skipped with a note (offline); options you type still win")
         if vae:
-            p.add_argument("--vae", required=vae is True, default=None, help="autoencoder checkpoint or folder")
+            p.add_argument("--vae", required=vae is True, default=None, help="autoencoder: a checkpoint or folder, "
+                           "or a Hugging Face ID in the local cache")
             p.add_argument("--data", default=None, help="'synthetic' or an ImageFolder path")
-            p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                           help="tiny: 256 synthetic 64 px images, no loader workers (options you type still win)")
             p.set_defaults(needs_data=vae is True)
-            p.add_argument("--resolution", type=int, default=256)
+            p.add_argument("--resolution", type=int, default=256, help="Resize + CenterCrop side (paper: 256)")
             p.add_argument("--num-images", type=train_utils.positive_int, default=None,
                            help="default: the whole dataset (paper: 50K)")
-            p.add_argument("--num-workers", type=int, default=4)
-            p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+            p.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+            p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autoencoder autocast")
 
     p = sub.add_parser("fid", help="FID, sFID, IS, precision, recall of samples against a reference")
     p.add_argument("samples", help="ADM .npz (arr_0 uint8 NHWC) or folder of images")
@@ -980,7 +1072,7 @@ def main(argv=None):
 
     p = sub.add_parser("stats", help="reference statistics (ADM layout: mu, sigma, mu_s, sigma_s)")
     p.add_argument("images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the reference .npz to write")
     p.add_argument("--keep-images", type=int, default=10000, help="store the first K images as arr_0 (P/R; 0: none)")
     common(p, inception=True)
 
@@ -999,21 +1091,29 @@ def main(argv=None):
     common(p, vae=True)
     p.add_argument("--rotations", type=int, nargs="+", default=[1, 2, 3], help="quarter turns (T_r)")
     p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="scale factors (T_s)")
-    p.add_argument("--image-interp", choices=["bilinear", "bicubic", "area"], default="bilinear")
-    p.add_argument("--latent-interp", choices=["bilinear", "bicubic", "area"], default="bilinear")
+    p.add_argument("--image-interp", choices=["bilinear", "bicubic", "area"], default="bilinear", help="resize of x")
+    p.add_argument("--latent-interp", choices=["bilinear", "bicubic", "area"], default="bilinear", help="of E(x)")
     p.add_argument("--no-psnr", dest="psnr", action="store_false", help="skip PSNR(tau x, D(tau E(x)))")
 
     p = sub.add_parser("id", help="intrinsic dimension (TwoNN, MLE) of latents")
     p.add_argument("latents", nargs="?", default=None, help=".npy of latents (N, ...)")
     common(p, vae="optional")
-    p.add_argument("--latent", choices=["mean", "sample"], default="mean")
+    p.add_argument("--latent", choices=["mean", "sample"], default="mean", help="posterior mean or a sample")
     p.add_argument("--k", type=int, default=20, help="neighbours for the MLE")
 
     p = sub.add_parser("latents", help="PCA-as-RGB pictures and power spectrum of latents")
     common(p, vae=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--latent", choices=["mean", "sample"], default="mean")
-    p.add_argument("--num-show", type=int, default=8)
+    p.add_argument("--out", required=True, help="folder for the pictures and spectra")
+    p.add_argument("--latent", choices=["mean", "sample"], default="mean", help="posterior mean or a sample")
+    p.add_argument("--num-show", type=int, default=8, help="images in the PCA picture")
+    p.add_argument("--pca-scale", choices=["image", "sigma"], default="image", help="PCA colours: min-max per "
+                   "image (the official vis_latent.py) or +-2.5 std for all (pictures of models compare)")
+
+    p = sub.add_parser("alignment", help="alignment of the latent with DINOv2 features (CKA, projected cosine)")
+    common(p, vae=True)
+    p.add_argument("--dinov2-model", default="dinov2_vitl14", choices=sorted(models.DINOv2_models),
+                   help="VA-VAE's DINOv2 ViT-L/14 by default (--preset tiny: the random dinov2_tiny)")
+    p.add_argument("--dinov2", default=None, help="its weights (default: torch hub cache)")
 
     p = sub.add_parser("latent-stats", help="the latent normalisation (shift, scale) a generator needs")
     common(p, vae=True)
@@ -1022,7 +1122,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="of the posterior samples")
 
     handlers = {"fid": cmd_fid, "stats": cmd_stats, "recon": cmd_recon, "equivariance": cmd_equivariance,
-                "id": cmd_id, "latents": cmd_latents, "latent-stats": cmd_latent_stats}
+                "id": cmd_id, "latents": cmd_latents, "latent-stats": cmd_latent_stats, "alignment": cmd_alignment}
 
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):
@@ -1030,7 +1130,7 @@ def main(argv=None):
         typed = sys.argv[1:] if argv is None else argv
         for key, value in PRESETS[args.preset].items():
             flag = "--" + key.replace("_", "-")
-            if not any(t == flag or t.startswith(flag + "=") for t in typed):
+            if hasattr(args, key) and not any(t == flag or t.startswith(flag + "=") for t in typed):
                 setattr(args, key, value)
     if getattr(args, "needs_data", False) and args.data is None:
         parser.error(f"{args.metric}: --data is required (an image folder, or 'synthetic'; or use --preset tiny)")

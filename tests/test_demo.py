@@ -3,10 +3,12 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import demo
@@ -108,7 +110,8 @@ def test_missing_probe_file_is_a_clear_error(tmp_path):
 #################################################################################
 
 def test_report_tables_hold_the_measured_numbers(tmp_path):
-    """Numbers written into the demo layout by hand appear in the right rows; absent ones are n/a and listed."""
+    """Numbers written into the demo layout by hand appear in the right rows as mean +- std over seeds (numpy's,
+    ddof 1), the claims count the seeds that hold, absent cells are n/a and absent figures are listed."""
     d = tmp_path / "demo"
 
     def put(rel, obj):
@@ -116,30 +119,43 @@ def test_report_tables_hold_the_measured_numbers(tmp_path):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(obj) + "\n")
 
-    put("eval/kl-eq/recon.json", {"psnr": 23.456, "ssim": 0.789})
-    put("eval/kl-eq/equivariance.json", {"rotation": 0.111, "scale": 0.222})
-    put("eval/kl-base/equivariance.json", {"rotation": 0.9, "scale": 0.7})
-    put("eval/kl-eq/id.json", {"twonn": 12.5})
-    put("eval/gen.json", {"results": {str(d / "samples/dit-kl-eq/x.npz"): {"gfd_probe": 4.25, "probe_accuracy": 0.5,
-                                                                            "gfd_probe_real_floor": 0.125}}})
-    (d / "gen" / "dit-kl-eq").mkdir(parents=True)
-    (d / "gen" / "dit-kl-eq" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (10, 20, 30)))
+    put("settings.json", {"mode": "full", "study": "paper", "seeds": [0, 1]})
+    put("eval/synthetic/kl-base/recon.json", {"psnr": 20.0, "ssim": 0.5})
+    put("eval/synthetic/kl-base/equivariance.json", {"rotation": 0.9, "scale": 0.7, "scale0.25": 0.8, "scale0.5": 0.7,
+                                                      "scale0.75": 0.6})
+    psnr, rot = [23.456, 24.5], [0.111, 0.95]        # seed 1's rotation error is worse than the base's
+    for s_, (p_, r_) in enumerate(zip(psnr, rot)):
+        put(f"eval/synthetic/kl-eq-s{s_}/recon.json", {"psnr": p_, "ssim": 0.789})
+        put(f"eval/synthetic/kl-eq-s{s_}/equivariance.json", {"rotation": r_, "scale": 0.222})
+    put("eval/synthetic/kl-eq-s0/id.json", {"twonn": 12.5})
+    rows = lambda gfd: [{"step": s_, "gfd_probe": g, "probe_accuracy": 0.5} for s_, g in zip((10, 20), gfd)]
+    put("curves/dit.json", {"dit-kl-base": rows([9.0, 8.0]), "dit-kl-eq-s0": rows([7.0, 4.25])})
     (d / "steps.tsv").write_text("recon-kl-eq\tran\t12\tpython3 evaluate.py recon --vae X\n"
                                  "recon-kl-eq\treused\t0\tpython3 evaluate.py recon --vae X\n"
-                                 "sample-sit-kl-eq\tmissing\t0\tsample.py has no sampler for SiT-T/2\n")
+                                 "photos\tmissing\t0\tdemo.py photos: scikit-image is not installed\n")
     out = demo_eval.write_demo_report(str(d))
     text = (d / "report.md").read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("| + EQ-VAE (`kl-eq`)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # Autoencoder | PSNR | SSIM | gFD DiT | gFD SiT | gFD MaskGIT | rot | scale | ID
-    assert cells[1:] == ["23.5", "0.789", "4.25", "n/a", "-", "0.111", "0.222", "12.5"], cells
-    t2 = next(ln for ln in text.splitlines() if ln.startswith("| DiT | + EQ-VAE"))
-    assert [c.strip() for c in t2.strip("|").split("|")][2:] == ["30", "0.0333", "4.25", "0.5", "0.125"], t2
+    # Autoencoder | seeds | PSNR | SSIM | rot | scale | ID | gFD DiT | gFD SiT | gFD MaskGIT
+    m, sd = np.mean(psnr), np.std(psnr, ddof=1)
+    assert cells[1:4] == ["2", f"{m:.1f} ± {sd:.1f}", "0.789 ± 0.000"], cells
+    assert cells[4] == f"{np.mean(rot):.3f} ± {np.std(rot, ddof=1):.3f}" and cells[6] == "12.5", cells
+    assert cells[7:] == ["4.2", "n/a", "-"], cells
+    base = next(ln for ln in text.splitlines() if ln.startswith("| KL-VAE base (`kl-base`)"))
+    assert [c.strip() for c in base.strip("|").split("|")][1:4] == ["1", "20.0", "0.500"]
+    # Claims: each fine-tune seed against the one base.
+    claim = lambda metric: next(ln for ln in text.splitlines() if ln.startswith("| `kl-eq`") and f"| {metric} |" in ln
+                                and "kl-base" in ln)
+    assert "holds (2/2 seeds)" in claim("PSNR") and "mixed (1/2 seeds)" in claim("Eq. err. rot")
+    assert "holds (2/2 checkpoints)" in claim("gFD-probe DiT-T/2")
+    # Table 2: every checkpoint of the curve.
+    t2 = next(ln for ln in text.splitlines() if ln.startswith("| + EQ-VAE | 7.0"))
+    assert [c.strip() for c in t2.strip("|").split("|")][1:] == ["7.0", "4.2", "0.500"], t2
     # The step ran once (12 s) and was reused later: the Commands table keeps the seconds of the run that made it.
     assert re.search(r"\| `recon-kl-eq` \| reused \| 12 \|", text), text
-    assert any("sample-sit-kl-eq" in m for m in out["missing"])
-    assert (d / "figures" / "loss-dit.png").is_file()
+    assert any("photos" in m for m in out["missing"]) and any("latent-pca" in m for m in out["missing"])
+    assert (d / "figures" / "convergence-dit.png").is_file() and (d / "figures" / "scale-error-synthetic.png").is_file()
 
 
 #################################################################################
@@ -147,7 +163,9 @@ def test_report_tables_hold_the_measured_numbers(tmp_path):
 #################################################################################
 
 def run_demo(demo_dir, *args, env=None, timeout=600):
-    e = dict(os.environ, DEMO_DIR=str(demo_dir), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
+    # PYTHON: this test's own interpreter (from a virtual environment that is not activated, python3 is another)
+    e = dict(os.environ, DEMO_DIR=str(demo_dir), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+             **{"PYTHON": sys.executable, **(env or {})})
     return subprocess.run(["bash", os.path.join(ROOT, "demo.sh"), *args], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -159,7 +177,7 @@ def test_failing_step_stops_the_demo_naming_it(tmp_path):
     (tmp_path / "d" / "probe").mkdir(parents=True, exist_ok=True)
     (tmp_path / "d" / "probe" / "probe.pt").write_bytes(b"")          # the probe step's marker: now reused
     r = run_demo(tmp_path / "d", "--quick", env={"PYTHON": "false"})
-    assert "[probe-train] reused" in r.stdout and "demo: step ae-kl-base failed" in r.stderr, (r.stdout, r.stderr)
+    assert "[probe-train] reused" in r.stdout and "demo: step ae-kl-eq-s0 failed" in r.stderr, (r.stdout, r.stderr)
     assert not (tmp_path / "d" / "report.md").exists()
 
 
@@ -174,46 +192,105 @@ def test_quick_demo_writes_every_table_and_figure(tmp_path):
     r = run_demo(d, "--quick")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = (d / "report.md").read_text()
-    for heading in ("## Table 1 style", "## Table 2 style", "## The probe", "### Figure 2 style",
-                    "### Latent PCA", "### Samples", "### Loss curves", "## Commands", "## Missing"):
+    for heading in ("## Table 1 style: autoencoders on synthetic", "## Table 1 style: autoencoders on photos",
+                    "## The paper's claims", "## Equivariance error per transformation", "## Table 2 style",
+                    "### Figure 2 style", "### Latent PCA", "### Samples", "## The probe", "## Commands", "## Missing"):
         assert heading in text, heading
+    assert "Nothing: every table cell and figure was produced." in text, text[text.index("## Missing"):]
 
     # Every linked figure exists; the expected ones are all there.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     for link in links:
         assert (d / link).is_file(), link
     names = set(links)
-    for ae in ("kl-base", "kl-plain", "kl-eq", "vq-base", "vq-eq"):
-        assert any(n.startswith(f"ae/{ae}/previews/") for n in names), ae
-    for ae in ("kl-base", "kl-plain", "kl-eq"):
-        assert f"eval/{ae}/latents/pca_rgb.png" in names, ae
-    for fig in ("spectra", "rec-kl", "rec-vq", "eq_err_rot-kl", "eq_err_scale-vq", "loss-dit", "loss-sit",
-                "loss-maskgit"):
+    # Previews: the bases at step 0 of a fine-tune of them, the fine-tunes at their last step; the same images.
+    for ae, step in (("kl-eq-s0", 0), ("kl-eq-s0", 2), ("kl-plain-s0", 2), ("vq-eq-s0", 0), ("vq-eq-s0", 2)):
+        assert f"ae/{ae}/previews/{step:07d}.png" in names, ae
+    for fig in ("latent-pca", "spectra", "dct-spectra", "scale-error-synthetic", "scale-error-photos",
+                "convergence-dit", "convergence-sit", "convergence-maskgit"):
         assert f"figures/{fig}.png" in names, fig
-    import sample
-    families = [("dit", "DiT-T/2", ("kl-base", "kl-plain", "kl-eq")), ("sit", "SiT-T/2", ("kl-base", "kl-plain", "kl-eq")),
-                ("maskgit", "maskgit-tiny", ("vq-base", "vq-eq"))]
-    for gen, model, aes in families:
-        try:
-            sample.family_of(model)
-        except ValueError:                                                     # not wired into sample.py yet:
-            assert f"sample-{gen}-{aes[0]}" in text and "missing" in text      # reported as missing
-            continue
+    for gen, aes in (("dit", ("kl-base", "kl-plain-s0", "kl-eq-s0")), ("maskgit", ("vq-base", "vq-eq-s0"))):
         for ae in aes:
-            assert any(n.startswith(f"samples/{gen}-{ae}/") for n in names), (gen, ae)
+            assert any(n.startswith(f"curves/{gen}-samples/{gen}-{ae}/") for n in names), (gen, ae)
 
-    # Table 1: a numeric PSNR, SSIM and both equivariance errors for every autoencoder.
+    # Table 1: numbers for PSNR, SSIM and both equivariance errors of every autoencoder, on both datasets.
     for ae in ("kl-base", "kl-plain", "kl-eq", "vq-base", "vq-eq"):
-        row = next(ln for ln in text.splitlines() if f"(`{ae}`) |" in ln and ln.count("|") == 10)
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        for i in (1, 2, 6, 7):
-            float(cells[i])
+        for row in [ln for ln in text.splitlines() if f"(`{ae}`) |" in ln]:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            for i in (2, 3, 4, 5):
+                float(cells[i])
     # Commands: every step that ran is listed with its command line.
-    assert re.search(r"\| `ae-kl-eq` \| ran \| [0-9.]+ \| `python3 finetune_eqvae\.py .*--eq-prob 0\.5", text)
+    assert re.search(r"\| `ae-kl-eq-s0` \| ran \| [0-9.]+ \| `python3 finetune_eqvae\.py --preset tiny", text)
 
     # A second run reuses every finished step and still writes the report.
     r2 = run_demo(d, "--quick")
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "[ae-kl-base] reused" in r2.stdout and "[train-dit-kl-eq] reused" in r2.stdout
-    assert not re.search(r"demo: \[(ae|train|recon|equivariance)-[^\]]*\] python", r2.stdout), r2.stdout
+    assert "[ae-kl-eq-s0] reused" in r2.stdout and "[train-dit-kl-eq-s0] reused" in r2.stdout
+    assert not re.search(r"demo: \[(ae|train|recon|equivariance|curves)-[^\]]*\] python", r2.stdout), r2.stdout
     assert (d / "report.md").is_file()
+
+
+def test_regularizer_study_at_toy_size(tmp_path):
+    """demo.sh --study regularizers: base + eq, scale-eq, vf, none on the same data and seed, DiT on each; one report
+    with every regulariser's row, the DINOv2 alignment column and the convergence curves."""
+    d = tmp_path / "study"
+    r = run_demo(d, "--quick", "--study", "regularizers", env={"DEMO_PHOTO_CROPS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = (d / "report.md").read_text()
+    assert text.startswith("# Latent regularisers side by side")
+    for g in ("kl-base", "kl-none", "kl-eq", "kl-scale-eq", "kl-vf"):
+        row = next(ln for ln in text.splitlines() if f"(`{g}`) |" in ln)
+        float(row.strip("|").split("|")[2])
+    assert "CKA to DINOv2" in text and "`kl-vf` < `kl-none`" in text and "figures/convergence-dit.png" in text
+    assert os.path.isfile(d / "eval" / "synthetic" / "kl-vf-s0" / "alignment.json")
+    assert "Nothing: every table cell and figure was produced." in text, text[text.index("## Missing"):]
+    bad = run_demo(d, "--study", "nothing")
+    assert bad.returncode == 2 and "--study takes" in bad.stderr
+
+
+def test_convergence_curves_of_a_run_with_three_checkpoints(probe, tmp_path):
+    """curves.py samples every EMA export of a run with its family's sampler and scores it; one curve per run."""
+    import curves
+    import train_dit
+    run = train_dit.main(train_dit.get_args(["--preset", "tiny", "--num-images", "16", "--global-batch-size", "4",
+                                             "--max-steps", "6", "--ckpt-every", "2", "--results-dir", str(tmp_path),
+                                             "--exp-name", "dit"]))
+    path, _, _, _ = probe
+    table = curves.main(curves.get_args([run, "--metric", "probe", "--probe", path, "--num-samples", "8",
+                                         "--out", str(tmp_path / "curve"), "--", "--preset", "tiny",
+                                         "--num-sampling-steps", "2"]))
+    rows = table["dit"]
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(np.isfinite(r["gfd_probe"]) for r in rows)
+    # each point is the probe metric of that checkpoint's own samples
+    import demo
+    model, state = demo.load_probe(path)
+    npz = [f for f in sorted(os.listdir(tmp_path / "curve-samples" / "dit")) if f.endswith(".npz")]
+    assert len(npz) == 3
+    with np.load(tmp_path / "curve-samples" / "dit" / npz[0]) as f:
+        direct = demo.probe_evaluate(model, state, f["arr_0"], f["arr_1"])
+    assert direct["gfd_probe"] in [r["gfd_probe"] for r in rows]
+    saved = json.load(open(tmp_path / "curve.json"))
+    assert [r["step"] for r in saved["dit"]] == [2, 4, 6] and os.path.getsize(tmp_path / "curve.png") > 1000
+
+
+def test_photo_set_is_crops_of_the_shipped_photographs(tmp_path):
+    """demo.py photos: per photograph a folder of INTER_AREA-resized square crops; the same seed, the same set; an
+    ImageFolder the metrics read."""
+    pytest.importorskip("skimage")  # a test requirement; the demo notes the set's absence without it
+    import cv2
+    import skimage.data
+    n = demo.make_photo_set(str(tmp_path / "a"), resolution=32, crops=2, seed=0)
+    assert n == 2 * len(demo.PHOTOS) and sorted(os.listdir(tmp_path / "a")) == sorted(demo.PHOTOS)
+    demo.make_photo_set(str(tmp_path / "b"), resolution=32, crops=2, seed=0)
+    for name in demo.PHOTOS:
+        for k in range(2):
+            a = np.asarray(Image.open(tmp_path / "a" / name / f"{k:03d}.png"))
+            assert a.shape == (32, 32, 3) and np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / name / f"{k:03d}.png")))
+    # The first crop of the first photograph, redone with OpenCV from the seed's draws.
+    rng = np.random.default_rng(0)
+    img = skimage.data.astronaut()
+    side = int(rng.integers(512 // 3, 513))
+    y, x = int(rng.integers(0, 512 - side + 1)), int(rng.integers(0, 512 - side + 1))
+    want = cv2.resize(np.ascontiguousarray(img[y:y + side, x:x + side]), (32, 32), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "astronaut" / "000.png")), want)
+    assert len(data.build_dataset(str(tmp_path / "a"), 32, "resize_center")) == n

@@ -556,6 +556,30 @@ def test_pca_rgb_and_power_spectrum():
     assert power[3] > 1e6 * np.delete(power, 3).max()
 
 
+def test_pca_rgb_shared_scale_compares_models():
+    """--pca-scale sigma: one rule for every latent space (0.5 + component / 5 std), so a latent space with twice
+    the structure in its first component is not stretched to the same colours; signs are fixed, not the solver's."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 4, 8, 8) * torch.tensor([3.0, 1.0, 0.5, 0.1]).view(1, 4, 1, 1)
+    rgb = evaluate.pca_rgb(z, "sigma")
+    x = z.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    x = x - x.mean(0)
+    vals, vecs = torch.linalg.eigh(x.t() @ x / (len(x) - 1))
+    v = vecs[:, -1] * torch.sign(vecs[vecs[:, -1].abs().argmax(), -1])          # first component, sign fixed
+    red = (0.5 + (x @ v) / (5 * vals[-1].sqrt())).clamp(0, 1).reshape(4, 8, 8)
+    torch.testing.assert_close(rgb[:, 0], red.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(evaluate.pca_rgb(2 * z, "sigma"), rgb, atol=1e-5, rtol=0)  # invariant to scale
+
+
+def test_synthetic_seed_spec_gives_held_out_images():
+    a = data.build_dataset("synthetic", 32, "resize_center", num_images=4)
+    b = data.build_dataset("synthetic:3", 32, "resize_center", num_images=4)
+    c = data.build_dataset("synthetic", 32, "resize_center", num_images=4, seed=3)
+    assert torch.equal(b[0][0], c[0][0]) and not torch.equal(a[0][0], b[0][0])
+    with pytest.raises(ValueError, match="synthetic:SEED"):
+        data.build_dataset("synthetic:x", 32)
+
+
 #################################################################################
 #                         Command line (one process)                            #
 #################################################################################
