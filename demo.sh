@@ -14,9 +14,9 @@
 # 2. For every autoencoder, on held-out synthetic images and on crops of real photographs (scikit-image's):
 #    PSNR / SSIM, equivariance error per rotation and per scale; for the KL ones the intrinsic dimension, latent
 #    PCA pictures, power and block-DCT spectra (and, in the study, the alignment with DINOv2).
-# 3. DiT and SiT on each KL latent space, MaskGIT on each VQ token space (seed-0 fine-tunes; the study: DiT on
-#    every seed): same steps, seeds and data; every checkpoint sampled and scored by gFD-probe (the Frechet
-#    distance in the features of a small classifier of the synthetic classes, trained here): convergence curves.
+# 3. DiT and SiT on each KL latent space, MaskGIT on each VQ token space (every fine-tune seed; the study: DiT):
+#    same steps, seeds and data; every checkpoint sampled and scored by gFD-probe (the Frechet distance in the
+#    features of a small classifier of the synthetic classes, trained here): convergence curves.
 # 4. report.md: Table 1 and Table 2 style tables with the spread over seeds, the paper's claims checked seed by
 #    seed, figures, and the command behind every number.
 #
@@ -145,14 +145,12 @@ declare -A AE_PATH=([kl-base]=assets/tiny-kl-f8.safetensors [vq-base]=assets/tin
 if [[ $STUDY == paper ]]; then
     # EQ-VAE (the official mix), the plain control, and EQ-VAE on the VQ-GAN (tau before quantisation, Sec. 3.3).
     VARIANTS=("kl-eq:--model kl" "kl-plain:--model kl --eq-prob 0" "vq-eq:--model vq")
-    KL_GROUPS=(kl-base kl-plain kl-eq); VQ_GROUPS=(vq-base vq-eq); GEN_SEEDS=(${SEEDS[0]})
 else
     VARIANTS=("kl-eq:--regularizer eq" "kl-scale-eq:--regularizer scale-eq" "kl-vf:--regularizer vf"
               "kl-none:--regularizer none")
-    KL_GROUPS=(kl-base kl-none kl-eq kl-scale-eq kl-vf); VQ_GROUPS=(); GEN_SEEDS=("${SEEDS[@]}")
 fi
 KL_AES=(kl-base); VQ_AES=()
-[[ $STUDY == paper ]] && VQ_AES=(vq-base)
+if [[ $STUDY == paper ]]; then VQ_AES=(vq-base); fi
 for s in "${SEEDS[@]}"; do
     for v in "${VARIANTS[@]}"; do
         group=${v%%:*}; read -r -a flags <<< "${v#*:}"
@@ -175,8 +173,15 @@ for ds in "${DATASETS[@]}"; do
     EV+=(--resolution 64 --num-workers 0 --batch-size 64)
     for ae in "${KL_AES[@]}" "${VQ_AES[@]}"; do
         v=${AE_PATH[$ae]}
+        png=(); if [[ $ds == synthetic ]]; then png=(--save-png "$D/recon/$ae"); fi
         step_json "recon-$ds-$ae" "$D/eval/$ds/$ae/recon.json" "$PY" evaluate.py recon --vae "$v" "${EV[@]}" \
-            --no-fid --no-lpips
+            --no-fid --no-lpips "${png[@]}"
+        # rFID's stand-in on the synthetic classes: the probe's Frechet distance of the reconstructions (a floor
+        # under the generators' gFD-probe: their samples go through the same decoder).
+        if [[ $ds == synthetic ]]; then
+            step_json "rfd-$ae" "$D/eval/$ds/$ae/rfd.json" \
+                "$PY" demo.py probe-eval "$D/recon/$ae/recon" --probe "$D/probe/probe.pt"
+        fi
         step_json "equivariance-$ds-$ae" "$D/eval/$ds/$ae/equivariance.json" \
             "$PY" evaluate.py equivariance --vae "$v" "${EV[@]}"
     done
@@ -202,16 +207,16 @@ done
 GEN=(--data synthetic --num-images "$GEN_IMAGES" --global-batch-size "$GEN_BATCH" --max-steps "$GEN_STEPS"
      --ckpt-every "$GEN_CKPT" --log-every "$LOG_EVERY" --lr "$GEN_LR" --ema-decay "$GEN_EMA" --global-seed 0
      --num-workers 0 --resume auto --results-dir "$D/gen")
-gen_aes() {  # gen_aes KIND: the autoencoders a generator of KIND (kl|vq) trains on: bases + GEN_SEEDS fine-tunes
+gen_aes() {  # gen_aes KIND: the autoencoders a generator of KIND (kl|vq) trains on: the base and every fine-tune
     local kind=$1 ae
     for ae in $([[ $kind == kl ]] && echo "${KL_AES[@]}" || echo "${VQ_AES[@]}"); do
         if [[ $ae == *-base ]]; then echo "$ae"; continue; fi
-        for s in "${GEN_SEEDS[@]}"; do [[ $ae == *-s$s ]] && echo "$ae"; done
+        for s in "${SEEDS[@]}"; do if [[ $ae == *-s$s ]]; then echo "$ae"; fi; done
     done
 }
 declare -A FAMILY=([dit]="train_dit.py DiT-T/2 kl" [sit]="train_sit.py SiT-T/2 kl" [maskgit]="train_maskgit.py maskgit-tiny vq")
 GENS=(dit sit maskgit)
-[[ $STUDY == regularizers ]] && GENS=(dit)
+if [[ $STUDY == regularizers ]]; then GENS=(dit); fi
 for gen in "${GENS[@]}"; do
     read -r script model kind <<< "${FAMILY[$gen]}"
     for ae in $(gen_aes "$kind"); do
