@@ -388,8 +388,9 @@ def main(args):
     lr = args.lr if args.lr is not None else args.base_lr * args.grad_accum * args.global_batch_size
     logger.info(f"Learning rate {lr:.3g} = base {args.base_lr:g} x accumulation {args.grad_accum} x {world} GPU(s) x "
                 f"{batch} per GPU" if args.lr is None else f"Learning rate {lr:.3g} (set with --lr)")
-    opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    # fused on CUDA (tu.adam_kwargs): one kernel per update; the plain optimiser on CPU.
+    opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
 
     # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG), then seed each

@@ -101,7 +101,8 @@ def main(args):
     logger.info(f"MaskGIT parameters: {tu.count_params(model):,} ({model.config})")
 
     # Setup optimizer (the reference: AdamW, betas (0.9, 0.96), weight decay 1e-5 on every parameter):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.96), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.96), weight_decay=args.weight_decay,
+                            **tu.adam_kwargs(device))  # fused on CUDA
     scaler = tu.make_scaler(precision, device)
 
     # Resume (model, EMA, optimiser, scaler, step, data position, every rank's RNG); per-rank seeds for the loop:

@@ -116,7 +116,8 @@ def main(args):
                   f"{transport.clock} clock")
 
     # Setup optimizer (SiT and REPA: AdamW, betas (0.9, 0.999), constant learning rate 1e-4, no weight decay):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            **tu.adam_kwargs(device))  # fused on CUDA
     scaler = tu.make_scaler(precision, device)
 
     # Setup data: images encoded on the fly, or latents from a cache built once. SiT flips images at random (as

@@ -722,10 +722,22 @@ def restore_rng_states(states, logger=None):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay=0.9999):
-    """ema = decay * ema + (1 - decay) * model, parameter by parameter (DiT's update_ema)."""
-    ema_params = dict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+    """ema = decay * ema + (1 - decay) * model for every parameter (DiT's update_ema), matched by name."""
+    ema_params = dict(unwrap(ema_model).named_parameters())
+    pairs = [(ema_params[name], param) for name, param in unwrap(model).named_parameters()]
+    ema, params = [e for e, _ in pairs], [p.detach() for _, p in pairs]
+    # DiT's loop runs mul_ and add_ per parameter: 2 x 292 kernel launches per DiT-XL/2 step. The foreach ops do
+    # the same two operations on the whole list (a few multi-tensor kernels on CUDA, the same loop on CPU), so the
+    # values are those of the loop, bit for bit.
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, params, alpha=1 - decay)
+
+
+def adam_kwargs(device):
+    """Extra Adam/AdamW options: fused=True on CUDA (one kernel for the whole update instead of a few per parameter;
+    GradScaler unscales and skips inside it). On CPU nothing changes: the default implementation, so CPU results
+    (and the tests that compare them) stay those of the plain optimiser."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
 
 
 def requires_grad(model, flag=True):

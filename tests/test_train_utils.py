@@ -183,10 +183,21 @@ def test_check_finite_names_the_part():
 
 
 def test_update_ema_formula():
-    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    before = ema.weight.detach().clone()
+    """The foreach update equals DiT's per-parameter loop (mul_(decay).add_(p, alpha=1 - decay)) bit for bit, on
+    every parameter, matched by name (ema built with another parameter order than the model's)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_()
+    before = {n: p.detach().clone() for n, p in ema.named_parameters()}
+    source = dict(model.named_parameters())
+    expected = {n: b.clone().mul_(0.9).add_(source[n].detach(), alpha=0.1) for n, b in before.items()}
     tu.update_ema(ema, model, decay=0.9)
-    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+    for n, p in ema.named_parameters():
+        assert torch.equal(p, expected[n]), n
+        assert torch.allclose(p, 0.9 * before[n] + 0.1 * source[n])  # the formula itself
 
 
 def test_apply_preset_only_fills_defaults():
