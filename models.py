@@ -25,6 +25,20 @@ import torch.nn.functional as F
 import data  # to_uint8: the one uint8 convention, clamp(127.5 x + 128)
 
 
+_CONSTANTS = {}  # (values, device, dtype) -> tensor
+
+
+def device_constant(values, device, dtype=torch.float32):
+    """A small constant (per-channel means, stds) as a tensor on `device`, copied there once: a fresh torch.tensor per
+    call is a blocking host-to-device copy in every training step. Made outside inference mode, so a constant first
+    built while sampling can still take part in autograd later."""
+    key = (tuple(values), str(device), dtype)
+    if key not in _CONSTANTS:
+        with torch.inference_mode(False):
+            _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
 #################################################################################
 #                  KL Autoencoder (SD-VAE): Building Blocks                     #
 #################################################################################
@@ -316,8 +330,8 @@ class KLVAE(nn.Module):
         c = self.config
         if c["latents_mean"] is None:
             return c["shift_factor"], c["scaling_factor"]
-        mean = torch.tensor(c["latents_mean"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-        std = torch.tensor(c["latents_std"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        mean = device_constant(c["latents_mean"], z.device, z.dtype).view(1, -1, 1, 1)
+        std = device_constant(c["latents_std"], z.device, z.dtype).view(1, -1, 1, 1)
         return mean, c["scaling_factor"] / std
 
     def scale_latents(self, z):
@@ -1185,15 +1199,25 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         # Fixed "large" variance when sigma is not learned: beta_t, with beta~_1 at t = 0 for a better decoder NLL.
         self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self.log_betas = np.log(betas)
+        self._tables = {}  # (name, device, dtype) -> the table as a tensor on that device
 
-    @staticmethod
-    def _extract(arr, t, x):
-        """arr[t] for a batch of indices t (N,), as float32 shaped (N, 1, 1, 1) to broadcast against x."""
-        return torch.from_numpy(arr).to(t.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
+    def _table(self, name, device, dtype=torch.float64):
+        """The numpy table self.<name> as a tensor on `device`, copied there once: a copy per use would be a
+        blocking host-to-device transfer (16 per DiT training step)."""
+        key = (name, str(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = torch.as_tensor(getattr(self, name), dtype=dtype).to(device)
+        return self._tables[key]
+
+    def _extract(self, name, t, x):
+        """self.<name>[t] for a batch of indices t (N,), as float32 shaped (N, 1, 1, 1) to broadcast against x.
+        Gathered from the float64 table, then cast, as the reference (_extract_into_tensor) does."""
+        return self._table(name, t.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
 
     def _model(self, model, x, t, model_kwargs):
         """Call the model at the original timesteps that the (possibly respaced) indices t stand for."""
-        ts = torch.from_numpy(self.timestep_map).to(device=t.device, dtype=t.dtype)[t]
+        ts = self._table("timestep_map", t.device, t.dtype)[t]
         out = model(x, ts, **(model_kwargs or {}))
         return out[0] if isinstance(out, tuple) else out  # REPA returns (output, projections)
 
@@ -1202,24 +1226,24 @@ class GaussianDiffusion:
         """Draw x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. t = 0 is one step of noise."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """q(x_{t-1} | x_t, x_0): (mean, variance, clipped log variance)."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, self._extract(self.posterior_variance, t, x_t), \
-            self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        return mean, self._extract("posterior_variance", t, x_t), \
+            self._extract("posterior_log_variance_clipped", t, x_t)
 
     # ---- reverse process ----
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t \
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t \
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) \
-            / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) \
+            / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def p_mean_variance(self, model_output, x, t, clip_denoised=False):
         """
@@ -1231,13 +1255,13 @@ class GaussianDiffusion:
         if self.learn_sigma:
             assert model_output.shape[1] == 2 * C, f"learn_sigma needs {2 * C} output channels"
             eps, var_values = torch.split(model_output, C, dim=1)
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-            max_log = self._extract(np.log(self.betas), t, x)
+            min_log = self._extract("posterior_log_variance_clipped", t, x)
+            max_log = self._extract("log_betas", t, x)
             frac = (var_values + 1) / 2  # [-1, 1] -> [beta~_t, beta_t] in log space (IDDPM Eq. 15)
             model_log_variance = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output[:, :C]
-            model_log_variance = self._extract(self.fixed_log_variance, t, x).expand_as(x)
+            model_log_variance = self._extract("fixed_log_variance", t, x).expand_as(x)
         pred_xstart = self._predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -1257,8 +1281,8 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2021, Eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
         out = self.p_mean_variance(self._model(model, x, t, model_kwargs), x, t, clip_denoised)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._extract("alphas_cumprod", t, x)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
@@ -1278,7 +1302,7 @@ class GaussianDiffusion:
             from tqdm.auto import tqdm
             indices = tqdm(indices)
         for i in indices:
-            t = torch.tensor([i] * shape[0], device=img.device)
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)  # made on the device: no copy
             if ddim:
                 out = self.ddim_sample(model, img, t, clip_denoised, model_kwargs, generator, eta)
             else:
@@ -1958,8 +1982,8 @@ def dinov2_preprocess(x, resolution=None):
     """
     resolution = resolution or (x.shape[-1] // 16) * 14
     x = (x + 1) / 2
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = device_constant(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
+    std = device_constant(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
     return F.interpolate(x, size=(resolution, resolution), mode="bicubic")  # as REPA: normalise, then resize
 

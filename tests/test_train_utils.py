@@ -176,10 +176,29 @@ def test_rng_states_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_check_finite_names_the_part():
-    tu.check_finite(3, rec=torch.tensor(1.0), kl=torch.tensor(2.0))
-    with pytest.raises(tu.NonFiniteLossError, match=r"step 7: kl"):
-        tu.check_finite(7, rec=torch.tensor(1.0), kl=torch.tensor(float("nan")))
+def test_check_finite_names_the_first_bad_step_and_part(monkeypatch):
+    """check_finite only records (no read from the device); raise_if_nonfinite names the first bad step and the
+    parts bad there, however many steps later it is called, and the next run starts clean."""
+    tu.reset_finite_checks()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: (reads.append(_n), _r(self, *a, **k))[1])
+    for step in range(1, 10):
+        kl = torch.tensor(float("nan") if step in (4, 6) else 2.0)
+        rec = torch.tensor(float("inf") if step == 6 else 1.0)
+        tu.check_finite(step, rec=rec, kl=kl, lr=1e-4)
+    assert reads == []
+    monkeypatch.undo()
+    with pytest.raises(tu.NonFiniteLossError, match=r"step 4: kl on rank 0\. .*nothing after step 3 was saved"):
+        tu.raise_if_nonfinite()
+    tu.raise_if_nonfinite()  # the records went with the error
+    tu.check_finite(2, rec=torch.tensor(1.0), lr=float("nan"))
+    with pytest.raises(tu.NonFiniteLossError, match=r"step 2: lr "):
+        tu.raise_if_nonfinite()
+    tu.check_finite(1, rec=torch.tensor(1.0))
+    tu.raise_if_nonfinite()
+    tu.reset_finite_checks()
 
 
 def test_update_ema_formula():
