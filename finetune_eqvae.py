@@ -155,17 +155,16 @@ LOGVAR = 0.0
 MIN_DISC_SIDE = 24  # smallest input of the 3-layer PatchGAN (H / 8 - 2 >= 1 logits)
 
 
-def adaptive_weight(nll, g_loss, last_layer):
-    """LDM/taming: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], constant."""
+def adaptive_weight(nll, g_loss, last_layer, grad_scale=None):
+    """LDM/taming: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], constant;
+    under fp16, differentiated at the GradScaler's scale and unscaled in fp32 (models.adaptive_weight)."""
     # torch.autograd.grad only returns these gradients: it does not fire DDP's gradient hooks (those run on the
     # .backward() of the total loss), so under DDP each rank uses its local gradients, as the official Lightning run.
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return models.adaptive_weight(nll, g_loss, last_layer, grad_scale)
 
 
 def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptual_weight=1.0, kl_weight=1e-6,
-                 disc_weight=0.5, sample_noise=None):
+                 disc_weight=0.5, sample_noise=None, grad_scale=None):
     """
     The EQ-VAE training objective for one batch, autoencoder side (Eq. 5 inside LDM's LPIPSWithDiscriminator):
         rec  = |tau x - D(tau E(x))| + perceptual_weight * LPIPS(tau x, D(tau E(x)))    (tau = identity when not "eq")
@@ -173,7 +172,8 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
         loss = nll + kl_weight * kl + adaptive_weight * disc_weight * (-mean D(x_hat))
     model: TauAutoencoder (maybe in DDP); x: (B, 3, H, W) in [-1, 1]; tau: from sample_tau; lpips: (x, y) -> (B,)
     or None; disc: the (unwrapped) PatchGAN, or None before --disc-start / with --disc-weight 0; last_layer: the
-    decoder's conv_out.weight. Returns a dict: "loss" (to minimise), detached parts, and "target", "x_hat".
+    decoder's conv_out.weight; grad_scale: the GradScaler's scale, a tensor (fp16: see adaptive_weight). Returns a
+    dict: "loss" (to minimise), detached parts, and "target", "x_hat".
     A VQ-GAN takes taming's loss instead (models.vq_generator_loss): means rather than sums, plus the codebook loss.
     """
     target, x_hat, aux = model(x, tau, sample_noise)
@@ -184,7 +184,7 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
         disc_fn = (lambda y: disc(disc_input(y))) if disc is not None else (lambda y: y.new_zeros(()))
         loss, parts = models.vq_generator_loss(target, x_hat, aux, lpips_fn, disc_fn, last_layer,
                                                disc_factor=float(disc is not None), perceptual_weight=perceptual_weight,
-                                               disc_weight=disc_weight)
+                                               disc_weight=disc_weight, grad_scale=grad_scale)
         parts["g"] = parts.pop("g_loss")
         return {"loss": loss, **parts, "target": target, "x_hat": x_hat}
 
@@ -199,7 +199,7 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
     g_loss, d_weight = zero, zero
     if disc is not None:
         g_loss = -disc(disc_input(x_hat)).float().mean()
-        d_weight = adaptive_weight(nll, g_loss, last_layer) * disc_weight
+        d_weight = adaptive_weight(nll, g_loss, last_layer, grad_scale) * disc_weight
         loss = loss + d_weight * g_loss                                        # disc_factor 1 from --disc-start on
     parts = {"nll": nll.detach(), "rec": (target - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
              "kl": kl.detach(), "g": g_loss.detach(), "d_weight": d_weight}
@@ -423,13 +423,14 @@ def main(args):
                                     disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
                                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                                     loader=loader.state_dict(), config=dict(vae.config), args=vars(args),
-                                    skipped_steps=skipped)
+                                    skipped_steps=int(skipped))
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
                 f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}")
     names = ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
              "logits_fake", "eq_share"]
     meter = tu.TrainingMeter(names, exp, max_steps, step, args.grad_accum * args.global_batch_size, device)
+    one = torch.ones((), device=device)  # scaler.scale(one): GradScaler's scale as a tensor (fp16), read without a sync
     while step < max_steps:
         gan = args.disc_weight > 0 and step >= args.disc_start  # LDM's disc_factor: 0 before --disc-start
         parts = {n: 0.0 for n in names}
@@ -451,7 +452,8 @@ def main(args):
                 tu.requires_grad(disc, False)  # the generator's GAN term must not touch the discriminator's grads
                 with tu.autocast(precision, device):
                     out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
-                                       args.perceptual_weight, args.kl_weight, args.disc_weight, noise)
+                                       args.perceptual_weight, args.kl_weight, args.disc_weight, noise,
+                                       grad_scale=scaler.scale(one) / args.grad_accum if scaler.is_enabled() else None)
                 scaler.scale(out["loss"] / args.grad_accum).backward()  # the micro-batch mean, as Lightning accumulates
                 tu.requires_grad(disc, True)
             # Discriminator update, on the (transformed) real image and the detached reconstruction:
@@ -466,15 +468,15 @@ def main(args):
                 v = {**out, **d, "eq_share": float(tau.branch == "eq")}[n]
                 parts[n] = parts[n] + (v.detach().float() if torch.is_tensor(v) else v) / args.grad_accum
 
-        # Stop on a non-finite loss before the optimiser step, so no broken state is ever applied or saved:
+        # Record a non-finite loss (read at log steps and before every save, so no broken state is ever saved):
         tu.check_finite(step + 1, **{n: parts[n] for n in names if torch.is_tensor(parts[n])})
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scale_before = scaler.scale(one) if scaler.is_enabled() else None  # a tensor: no wait for the GPU
         scaler.step(opt_ae)
         if gan:
             scaler.step(opt_disc)  # one scaler, two optimisers: step each, then a single update (torch AMP recipe)
         scaler.update()
-        if scale_before is not None and scaler.get_scale() < scale_before:
-            skipped += 1  # fp16 overflow: GradScaler skipped this step and lowered its scale (normal, not fatal)
+        if scale_before is not None:  # fp16 overflow: GradScaler skipped the step and lowered its scale (not fatal)
+            skipped = skipped + (scaler.scale(one) < scale_before).long()  # counted on the device
         opt_ae.zero_grad(set_to_none=True)
         opt_disc.zero_grad(set_to_none=True)
         if ema is not None:
@@ -484,7 +486,7 @@ def main(args):
         # Log loss values (averaged over steps and processes):
         meter.update(**parts)
         if step % args.log_every == 0 or step == max_steps:
-            meter.log(step, skipped_steps=skipped)
+            meter.log(step, skipped_steps=int(skipped))
 
         # Preview and equivariance error on a fixed batch (rank 0; the others continue to the next collective):
         if dist.is_main and (step % args.preview_every == 0 or step == max_steps):

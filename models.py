@@ -656,13 +656,32 @@ VQGAN_models = {
 #                  VQ-GAN Fine-tuning Loss (taming VQLPIPSWithDiscriminator)    #
 #################################################################################
 
+def adaptive_weight(nll, g_loss, last_layer, grad_scale=None):
+    """
+    LDM's and taming's adaptive GAN weight: ||grad nll|| / (||grad g_loss|| + 1e-4) at the decoder's last layer,
+    clamped to [0, 1e4], treated as a constant (calculate_adaptive_weight in both codebases).
+    grad_scale: the GradScaler's current scale as a tensor (fp16; None or 1 otherwise). Under fp16 autocast the
+    backward through the decoder's last convolution (and LPIPS, the PatchGAN) runs in fp16 like the training
+    backward, so the two losses are scaled as GradScaler scales the training loss before differentiating, and the
+    gradient norms unscaled in fp32: unscaled, the VQ loss's per-pixel gradient (a mean over 10 x 3 x 256 x 256
+    values, ~5e-7) is fp16-subnormal, and the GAN term's can vanish. Where even the scaled gradients overflow, the
+    training backward does too and GradScaler skips the step; the weight is 0 then, keeping the loss finite.
+    """
+    s = 1.0 if grad_scale is None else grad_scale
+    nll_grad = torch.autograd.grad(nll * s, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * s, last_layer, retain_graph=True)[0]
+    ratio = (nll_grad.float().norm() / s) / (g_grad.float().norm() / s + 1e-4)
+    return torch.nan_to_num(ratio, nan=0.0, posinf=0.0).clamp(0.0, 1e4).detach()
+
+
 def vq_generator_loss(x, x_hat, codebook_loss, lpips, discriminator, last_layer, disc_factor=1.0,
-                      perceptual_weight=1.0, codebook_weight=1.0, disc_weight=0.8):
+                      perceptual_weight=1.0, codebook_weight=1.0, disc_weight=0.8, grad_scale=None):
     """Autoencoder loss of the VQ branch, taming's VQLPIPSWithDiscriminator (optimizer_idx 0) as in
     configs/imagenet_vqgan.yaml: codebook_weight 1.0, disc_weight 0.8, perceptual_weight 1.0, hinge GAN.
     x, x_hat: (B, 3, H, W) target (tau-transformed in the equivariance branch) and reconstruction in [-1, 1];
     codebook_loss: () from VQGAN.quantize; lpips: callable (x, y) -> (B,); discriminator: PatchGAN;
-    last_layer: VQGAN.get_last_layer(); disc_factor: 0 before the GAN starts. Returns (loss, dict of parts).
+    last_layer: VQGAN.get_last_layer(); disc_factor: 0 before the GAN starts; grad_scale: fp16's loss scale (see
+    adaptive_weight). Returns (loss, dict of parts).
     The discriminator's own update is the hinge loss shared with the KL branch."""
     # Unlike the KL loss (summed over pixels, divided by B), taming averages: mean over every element of
     # |x - x_hat| + LPIPS, with LPIPS (B,) broadcast over the pixels of its image.
@@ -671,11 +690,8 @@ def vq_generator_loss(x, x_hat, codebook_loss, lpips, discriminator, last_layer,
     nll = rec.mean()
     g_loss = -discriminator(x_hat).mean()
     if disc_factor > 0 and torch.is_grad_enabled() and g_loss.requires_grad:
-        # Adaptive weight: balance the GAN gradient against the reconstruction gradient at the decoder's last
-        # layer, ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4], treated as a constant.
-        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+        # Adaptive weight: balance the GAN gradient against the reconstruction gradient at the decoder's last layer.
+        d_weight = adaptive_weight(nll, g_loss, last_layer, grad_scale) * disc_weight
     else:
         d_weight = torch.zeros((), device=x.device)  # taming: 0 when no gradient can be taken (eval)
     loss = nll + d_weight * disc_factor * g_loss + codebook_weight * codebook_loss.mean()
