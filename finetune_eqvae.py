@@ -306,14 +306,31 @@ def build_loss_networks(args, device):
     return disc, lpips
 
 
-def compile_models(vae, disc):
-    """--compile: in place (state-dict keys unchanged) and static shapes."""
-    # tau changes the image size from step to step, and inductor's dynamic-shape path failed on these convolutions
-    # (torch 2.14, CPU). Each new size compiles once, up to torch._dynamo's recompile limit; sizes past it run
-    # eager. The full-size path (37.5%) is compiled.
-    vae.encoder.compile(dynamic=False)
-    vae.decoder.compile(dynamic=False)
-    disc.compile(dynamic=False)
+def compile_models(vae):
+    """
+    --compile, in place (state-dict keys unchanged): the autoencoder's residual blocks and resamplers one by one.
+    What the adaptive GAN weight differentiates stays eager: it takes torch.autograd.grad (retaining the graph) of
+    the reconstruction and GAN losses at conv_out's weight, which inside a compiled decoder would run the whole
+    decoder's compiled backward (4.4 s instead of 0.32 s for --preset tiny's autoencoder on CPU); through the
+    eager norm_out / conv_out, discriminator and LPIPS it reaches back only through the loss and that one
+    convolution (0.32 s here too; a compiled discriminator's backward also refuses retain_graph). The attention blocks stay eager too: they run at
+    the lowest resolution through the fused attention kernel already, and inductor's dynamic-shape path fails on
+    them (torch 2.14, CPU).
+    """
+    # tau changes the spatial size from micro-batch to micro-batch: 25 latent sides at 256 px, and the images and
+    # feature maps that go with them. Sizes are left to torch.compile's automatic dynamic shapes (static at first, a
+    # dimension that changes is recompiled dynamic) where the backend keeps them symbolic; where it specialises them
+    # (inductor's CPU convolutions, torch 2.14) each size compiles once. The blocks share one forward code object per
+    # class, whose cache then holds an entry per channel width x size (hundreds for SD-VAE): past torch._dynamo's
+    # default limits (8 per code object, 256 in all) it would silently run eager, so they are raised to hold them all.
+    config = torch._dynamo.config
+    for names, limit in ((("recompile_limit", "cache_size_limit"), 512),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 4096)):
+        name = next(n for n in names if hasattr(config, n))  # the names of torch >= 2.7, else the older ones
+        setattr(config, name, max(getattr(config, name), limit))
+    for module in vae.modules():
+        if isinstance(module, (models.ResnetBlock, models.Downsample, models.Upsample)):
+            module.compile()
 
 
 def shared_noise(seed, step, micro, grad_accum, rank, world, device):
@@ -407,7 +424,7 @@ def main(args):
 
     # Prepare models for training:
     if args.compile:
-        compile_models(vae, disc)
+        compile_models(vae)
     model = TauAutoencoder(vae, args.interp)
     ddp_model, ddp_disc = tu.distributed(model, device), tu.distributed(disc, device)
     last_layer = vae.get_last_layer()  # the parameter itself (not through DDP): the adaptive weight's grads go here

@@ -87,6 +87,10 @@ def main(args):
                                         scaler=scaler)
 
     model = tu.distributed(model, device).train()  # important: .train() enables label dropout for CFG
+    if args.compile:
+        # In place, around DDP (dynamo then splits the graph at DDP's gradient buckets, so all-reduces still overlap
+        # the backward): fuses the residual stream, LayerNorm and adaLN modulate that otherwise run unfused in fp32.
+        model.compile()
 
     meter = tu.TrainingMeter(["loss", "mse", "vb"], exp, args.max_steps, train_steps, args.global_batch_size, device)
     logger.info(f"Training from step {train_steps} to {args.max_steps}...")

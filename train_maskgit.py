@@ -113,6 +113,8 @@ def main(args):
     # Prepare models for training:
     ddp_model = tu.distributed(model, device)
     model.train()
+    if args.compile:
+        ddp_model.compile()  # in place, around DDP (graph split at DDP's gradient buckets); state-dict keys unchanged
 
     def save(step_):
         tu.save_generator(exp, step_, args, model, ema, opt, scaler, loader, config=model.config, vqgan=vq_name)
@@ -206,6 +208,8 @@ def get_parser():
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (in place: checkpoints keep "
+                   "the reference's keys)")
     return p
 
 

@@ -228,6 +228,8 @@ def add_latent_args(parser, what, table, model):
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights, updated every step")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (in place: checkpoints keep the "
+                   "official keys); the first steps take the compile time")
     g = parser.add_argument_group("latents")
     g.add_argument("--vae", type=str, default=None, help=f"the autoencoder {what} trains on: a diffusers folder, an "
                    "LDM / diffusers file, a finetune_eqvae.py export, or a name in models.KLVAE_models for random "
