@@ -12,7 +12,7 @@ from scipy.stats import norm
 import data
 import checkpoints
 import models
-from helpers import run_script
+from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -330,10 +330,12 @@ def test_train_loss_decreases_and_resume_is_exact(tmp_path):
 
 
 def test_torchrun_two_processes_with_latent_cache(tmp_path):
-    out = run_script(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--log-every", "2",
-                             "--ckpt-every", "4", "--num-images", "16", "--cache-latents", str(tmp_path / "cache"),
-                             "--cache-shard-size", "4", "--cache-batch-size", "4"], nproc=2)
+    out, ema = run_with_ema_probe(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--log-every", "2",
+                                          "--ckpt-every", "4", "--num-images", "16", "--cache-latents",
+                                          str(tmp_path / "cache"), "--cache-shard-size", "4", "--cache-batch-size",
+                                          "4"], tmp_path)
     assert "world_size=2" in out.stdout
+    assert_ema_starts_at_rank0_model(ema)  # the model is built alike on every rank, EMA before DDP included
     # 4 shards, split over the 2 ranks, all present; the checkpoint holds both ranks' RNG states.
     assert sorted(f for f in os.listdir(tmp_path / "cache") if f.startswith("shard")) == \
         [f"shard_{k:05d}.npy" for k in range(4)]

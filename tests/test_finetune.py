@@ -15,7 +15,7 @@ from scipy.stats import chi2
 import finetune_eqvae as fe
 import checkpoints
 import models
-from helpers import run_script
+from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
 import train_utils as tu
 
 # The smallest useful KL-VAE: f8 (64 px -> 8 x 8 latents; 64 px keeps the smallest low-res target at 16 px, which
@@ -284,9 +284,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 def test_two_gloo_processes_with_gan_and_vq(tmp_path):
     """The full objective under DDP (GAN, adaptive weight via autograd.grad, no_sync micro-steps, --tau-per-rank:
     each rank its own tau, so 16 px targets on one rank and 64 px on another) runs through; and the VQ-GAN path in
-    one process."""
-    run_script(["finetune_eqvae.py", *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7",
-                                               "--tau-per-rank")], nproc=2)
+    one process. Every rank's EMA starts from the weights DDP broadcast from rank 0."""
+    _, ema = run_with_ema_probe(["finetune_eqvae.py", *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob",
+                                                                "0.7", "--tau-per-rank", "--ema-decay", "0.9")],
+                                tmp_path)
+    assert_ema_starts_at_rank0_model(ema)  # the EMA (--ema-decay) starts from the model all ranks share
     rows = [json.loads(line) for line in open(tmp_path / "gan" / "run" / "metrics.jsonl") if '"loss"' in line]
     assert len(rows) == 3 and all(r["d_weight"] > 0 and r["d"] > 0 for r in rows)
 
