@@ -313,9 +313,9 @@ def compile_models(vae):
     the reconstruction and GAN losses at conv_out's weight, which inside a compiled decoder would run the whole
     decoder's compiled backward (4.4 s instead of 0.32 s for --preset tiny's autoencoder on CPU); through the
     eager norm_out / conv_out, discriminator and LPIPS it reaches back only through the loss and that one
-    convolution (0.32 s here too; a compiled discriminator's backward also refuses retain_graph). The attention blocks stay eager too: they run at
-    the lowest resolution through the fused attention kernel already, and inductor's dynamic-shape path fails on
-    them (torch 2.14, CPU).
+    convolution (0.32 s with the blocks compiled; a compiled discriminator's backward also refuses retain_graph).
+    The attention blocks stay eager too: they run at the lowest resolution through the fused attention kernel
+    already, and inductor's dynamic-shape path fails on them (torch 2.14, CPU).
     """
     # tau changes the spatial size from micro-batch to micro-batch: 25 latent sides at 256 px, and the images and
     # feature maps that go with them. Sizes are left to torch.compile's automatic dynamic shapes (static at first, a

@@ -318,8 +318,9 @@ def stage_syncs(cfg):
     except ImportError:
         raise RuntimeError("pytest is not installed (pip install -r requirements-test.txt)") from None
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(ROOT, "tests", "test_host_syncs.py")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    test = os.path.join(ROOT, "tests", "test_host_syncs.py")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", test], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     if out.returncode != 0:
         raise RuntimeError("tests/test_host_syncs.py failed on the GPU:\n" + out.stdout[-3000:])
     return dict(name="host syncs", config="4 trainers' loops, sync debug 'error'", images=None, sec=None,
@@ -337,7 +338,8 @@ def row(r, peak_flops):
     tf = f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "-"
     mfu = f"{100 * r['flops'] / r['sec'] / peak_flops:.1f}" if r.get("flops") else "-"
     mem = f"{r['peak']:.1f}" if r.get("peak") is not None else "-"
-    return f"| {r['name']} | {r['config']} | {1000 * r['sec']:.1f} | {img} | {tf} | {mfu} | {mem} | {r.get('note', '')} |"
+    cells = [r["name"], r["config"], f"{1000 * r['sec']:.1f}", img, tf, mfu, mem, r.get("note", "")]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main():

@@ -183,7 +183,10 @@ def test_check_finite_names_the_first_bad_step_and_part(monkeypatch):
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: (reads.append(_n), _r(self, *a, **k))[1])
+        def read(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
     for step in range(1, 10):
         kl = torch.tensor(float("nan") if step in (4, 6) else 2.0)
         rec = torch.tensor(float("inf") if step == 6 else 1.0)
