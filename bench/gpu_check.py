@@ -8,8 +8,8 @@ against this chip's *measured* bf16 matmul peak, and peak memory.
     python bench/gpu_check.py --cpu-smoke              # the same code at toy sizes on the CPU (CI keeps it working)
 
 Stages (real size / --cpu-smoke):
-  EQ-VAE fine-tune   SD-VAE, 256 px, batch 10, L1 + LPIPS (VGG16) + KL + adaptive PatchGAN, both optimisers
-                     (the tiny KL-VAE at 64 px, batch 2)
+  EQ-VAE fine-tune   SD-VAE, 256 px, batch 10, L1 + LPIPS (VGG16) + KL + adaptive PatchGAN, both optimisers;
+                     again in fp16 with GradScaler (the tiny KL-VAE at 64 px, batch 1)
   DiT-XL/2           batch 32 of 4 x 32 x 32 latents, AdamW + EMA, eager and torch.compile'd (DiT-T/2, batch 4)
   SiT-XL/2 + REPA    batch 32, DINOv2 ViT-B/14 targets of the 256 px images, clip 1.0 (SiT-T/2 + dinov2_tiny)
   MaskGIT-256        batch 32 of 16 x 16 tokens, 1024 codes (maskgit-tiny)
@@ -93,11 +93,13 @@ def on(device):
 #                                     Stages                                    #
 #################################################################################
 
-def stage_finetune(cfg):
+def stage_finetune(cfg, fp16=False):
     """One EQ-VAE optimiser step as finetune_eqvae.main takes it (one micro-batch): tau, eqvae_losses with LPIPS and
-    the adaptive GAN weight, the generator backward, the PatchGAN hinge loss and backward, both Adam steps."""
+    the adaptive GAN weight, the generator backward, the PatchGAN hinge loss and backward, both Adam steps. fp16:
+    --precision fp16's step, with one GradScaler for both optimisers and the adaptive weight at its scale."""
     device, smoke = cfg.device, cfg.smoke
     res, batch = (64, 1) if smoke else (256, 10)
+    precision = "fp16" if fp16 else cfg.precision
     torch.manual_seed(0)
     with on(device):
         vae = models.KLVAE_models["tiny" if smoke else "sd-vae"]().train()
@@ -106,6 +108,10 @@ def stage_finetune(cfg):
     model = fe.TauAutoencoder(vae)
     opt_ae = torch.optim.Adam(vae.parameters(), lr=1e-5, betas=(0.5, 0.9), **tu.adam_kwargs(device))
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), **tu.adam_kwargs(device))
+    # Started at the scale SD-VAE's gradients settle at (its last-layer nll gradient reaches 2e4), so the few timed
+    # steps are not the ones GradScaler skips while it comes down from its default 65536.
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=fp16)
+    one = torch.ones((), device=device)
     latent = vae.latent_shape(res)[1:]
     x = torch.rand(batch, 3, res, res, device=device) * 2 - 1
     rng = random.Random(0)
@@ -113,21 +119,28 @@ def stage_finetune(cfg):
     def step():
         tau = fe.sample_tau(rng, latent)
         tu.requires_grad(disc, False)
-        with tu.autocast(cfg.precision, device):
-            out = fe.eqvae_losses(model, x, tau, lpips, disc, vae.get_last_layer())
-        out["loss"].backward()
+        with tu.autocast(precision, device):
+            out = fe.eqvae_losses(model, x, tau, lpips, disc, vae.get_last_layer(),
+                                  grad_scale=scaler.scale(one) if fp16 else None)
+        scaler.scale(out["loss"]).backward()
         tu.requires_grad(disc, True)
-        with tu.autocast(cfg.precision, device):
+        with tu.autocast(precision, device):
             d, _, _ = fe.discriminator_loss(disc, out["target"], out["x_hat"])
-        d.backward()
-        opt_ae.step()
-        opt_d.step()
+        scaler.scale(d).backward()
+        scaler.step(opt_ae)
+        scaler.step(opt_d)
+        scaler.update()
         opt_ae.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
+        return out
 
     sec, flops, peak = measure(step, device, cfg.warmup, cfg.steps)
-    return dict(name="EQ-VAE fine-tune", config=f"{'tiny KL' if smoke else 'SD-VAE'} {res}px b{batch} +LPIPS +GAN",
-                images=batch, sec=sec, flops=flops, peak=peak)
+    out = step()
+    note = f"d_weight {float(out['d_weight']):.3g}, loss scale {scaler.get_scale():g}" if fp16 else ""
+    if not all(torch.isfinite(out[k]).all() for k in ("loss", "d_weight")):
+        raise RuntimeError(f"non-finite loss or adaptive weight ({note})")
+    return dict(name="EQ-VAE fine-tune" + (" fp16" if fp16 else ""), images=batch, sec=sec, flops=flops, peak=peak,
+                config=f"{'tiny KL' if smoke else 'SD-VAE'} {res}px b{batch} +LPIPS +GAN", note=note)
 
 
 def _dit_parts(cfg, official=None):
@@ -368,7 +381,8 @@ def main():
     print(f"# gpu_check: {name}, torch {torch.__version__}, {'toy sizes (--cpu-smoke)' if smoke else 'real sizes'}")
     print(f"measured {'bf16' if not smoke else 'fp32'} matmul peak: {peak / 1e12:.2f} TFLOP/s (MFU is against it"
           f"{'; on the CPU at toy sizes only a sign of life' if smoke else ''})\n")
-    stages = [("finetune", stage_finetune), ("dit", stage_dit), ("dit-compiled", lambda c: stage_dit(c, compiled=True)),
+    stages = [("finetune", stage_finetune), ("finetune-fp16", lambda c: stage_finetune(c, fp16=True)),
+              ("dit", stage_dit), ("dit-compiled", lambda c: stage_dit(c, compiled=True)),
               ("repa", stage_repa), ("maskgit", stage_maskgit), ("sample", stage_sample), ("fid", stage_fid)]
     if args.official:
         stages.insert(3, ("dit-official", lambda c: stage_dit(c, official_path=args.official)))
