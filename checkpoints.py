@@ -566,11 +566,15 @@ def save_diffusers(vae, folder):
     return atomic_folder(folder, write)
 
 
-def save_ldm(vae, path):
+def save_ldm(vae, path, discriminator=None):
     """Write `vae` in LDM format: {"state_dict": LDM names} (.ckpt/.pt/.pth) or a flat .safetensors file (FLUX's
-    ae.safetensors layout); our config rides along ("config" key / safetensors metadata), ignored by LDM's loader."""
+    ae.safetensors layout); our config rides along ("config" key / safetensors metadata), ignored by LDM's loader.
+    discriminator: also store a PatchGAN as loss.discriminator.*, as LDM's training checkpoints do, so a fine-tune
+    of this file starts with it (init_training_state); load_autoencoder ignores it."""
     config = dict(vae.config)
     sd = _export_state_dict(vae)
+    if discriminator is not None:
+        sd.update({f"loss.discriminator.{k}": v for k, v in _export_state_dict(discriminator).items()})
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
         return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "config": json.dumps(config)}))
@@ -599,6 +603,55 @@ def set_latent_norm(path, norm):
     vae = load_autoencoder(path)
     vae.config.update(norm)
     return save_ldm(vae, path)
+
+
+def init_training_state(path, autoencoder, discriminator):
+    """
+    What the official EQ-VAE run starts from besides the weights. It passes LDM's kl-f8 model.ckpt to main.py's
+    --resume, so PyTorch Lightning 1.4 restores the whole training state (checkpoint_connector.restore_model and
+    restore_training_state): the trained PatchGAN (loss.discriminator.*, BatchNorm statistics included), both Adams
+    (moments and step counts, and param_groups: torch's Optimizer.load_state_dict keeps only the live 'params', so
+    the file's learning rate replaces the one main.py configured) and global_step. Read from a Lightning (LDM /
+    taming) checkpoint, or from one of this project's training checkpoints (disc, opt, opt_disc).
+    Returns {"disc": state dict or None, "opt_ae", "opt_disc": optimizer state dicts in the order of
+    autoencoder.parameters() / discriminator.parameters(), or None, "global_step", "note": what was found}.
+    """
+    out = {"disc": None, "opt_ae": None, "opt_disc": None, "global_step": None}
+    if os.path.isdir(path):
+        path = find_vqgan_checkpoint(path) or path
+    if os.path.isdir(path) or not path.endswith((".ckpt", ".pt", ".pth")):
+        return dict(out, note=f"{path} holds the autoencoder's weights only")
+    ckpt = torch_load(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):  # this project's training checkpoint
+        ours = {"disc": ckpt.get("disc"), "opt_ae": ckpt.get("opt"), "opt_disc": ckpt.get("opt_disc")}
+        return dict(out, **ours, global_step=ckpt.get("step"), note=f"{path}: a finetune_eqvae.py checkpoint")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        return dict(out, note=f"{path} holds the autoencoder's weights only")
+    sd = ckpt["state_dict"]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    disc = {k[len("loss.discriminator."):]: v for k, v in sd.items() if k.startswith("loss.discriminator.")}
+    out.update(disc=disc or None, global_step=ckpt.get("global_step"))
+    opts = ckpt.get("optimizer_states")
+    if disc and isinstance(opts, list) and len(opts) == 2:
+        # Lightning stores each Adam's state by parameter position; configure_optimizers lists encoder, decoder,
+        # (taming: quantize,) quant_conv, post_quant_conv parameters, then the discriminator's (LDM
+        # models/autoencoder.py, taming models/vqgan.py), the order of their state_dict keys.
+        groups = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+        ae_names = [k for g in groups for k in sd if k.startswith(g)]
+        disc_names = [k for k in disc if not k.endswith(buffers)]
+        for key, names, module in (("opt_ae", ae_names, autoencoder), ("opt_disc", disc_names, discriminator)):
+            saved = opts[0 if key == "opt_ae" else 1]
+            flat = [i for g in saved["param_groups"] for i in g["params"]]
+            own = {n: i for i, (n, _) in enumerate(module.named_parameters())}
+            if len(flat) != len(names) or set(names) != set(own):
+                raise ValueError(f"{path}: its {key} state holds {len(flat)} parameters, not the {len(own)} of this "
+                                 f"model: pass --init-state weights (the discriminator alone) or fresh")
+            pos = dict(zip(flat, names))
+            out[key] = {"state": {own[pos[i]]: s for i, s in saved["state"].items()},
+                        "param_groups": [dict(g, params=[own[pos[i]] for i in g["params"]])
+                                         for g in saved["param_groups"]]}
+    found = [what for what, key in (("discriminator", "disc"), ("Adam states", "opt_ae")) if out[key] is not None]
+    return dict(out, note=f"{path}: {' and '.join(found) or 'no training state'} (global step {out['global_step']})")
 
 
 #################################################################################
@@ -684,10 +737,13 @@ def find_vqgan_checkpoint(folder):
     return None
 
 
-def save_taming(vq, path):
+def save_taming(vq, path, discriminator=None):
     """Write vq in taming's layout ({"state_dict": ...}) that taming's VQModel.init_from_ckpt and MaskGIT-pytorch
-    read (the architecture is read back off the shapes); atomically (an interrupted save leaves the previous file)."""
+    read (the architecture is read back off the shapes); atomically (an interrupted save leaves the previous file).
+    discriminator: also store a PatchGAN as loss.discriminator.*, as taming's last.ckpt does."""
     sd = _export_state_dict(vq)
+    if discriminator is not None:
+        sd.update({f"loss.discriminator.{k}": v for k, v in _export_state_dict(discriminator).items()})
     return atomic_write(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
 
 

@@ -40,8 +40,9 @@ def pil_to_tensor(pil_image):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def save_image_grid(x, path, nrow=8, padding=2):
-    """Write a batch x: (B, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid, nrow images per row."""
+def save_image_grid(x, path, nrow=8, padding=2, row_labels=None):
+    """Write a batch x: (B, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid, nrow images per row; row_labels: a
+    caption per grid row, written in a margin on the left."""
     x = x.detach().float().cpu()
     if x.dim() == 3:
         x = x[None]
@@ -59,9 +60,19 @@ def save_image_grid(x, path, nrow=8, padding=2):
         r, c = divmod(i, ncol)
         top, left = padding + r * (h + padding), padding + c * (w + padding)
         grid[:, top:top + h, left:left + w] = imgs[i]
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if row_labels:
+        from PIL import ImageDraw
+        margin = 8 + 6 * max(len(s) for s in row_labels)  # PIL's default bitmap font: ~6 px a character
+        labelled = Image.new("RGB", (picture.width + margin, picture.height), "white")
+        labelled.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, text in enumerate(row_labels[:nrows]):
+            draw.text((4, padding + r * (h + padding) + h // 2 - 5), text, fill="black")
+        picture = labelled
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    picture.save(path)
     return path
 
 

@@ -54,12 +54,13 @@ def latent_scales(n):
 
 
 def _draw_scale(rng, n, scales):
-    """One scale for a latent side n: official discrete set, or the paper's U(0.25, 1) snapped to the latent grid."""
+    """One scale for a latent side n: the official discrete set, or the paper's U(0.25, 1) on the latent grid."""
     if scales == "discrete":
         return rng.choice(latent_scales(n))
-    # Paper Sec. 3.3 draws s ~ U(0.25, 1). The decoded image must be a whole number of latent pixels times the
-    # downsampling factor, so round s * n; image and latent then share the exact same scale m / n.
-    return min(n, max(1, round(rng.uniform(0.25, 1.0) * n))) / n
+    # Paper Sec. 3.3 draws s ~ U(0.25, 1). The resized latent must have a whole number m of pixels, s = m / n, so
+    # every m from ceil(n / 4) to n - 1 is equally likely: s = 1 is no transformation, and rounding a continuous draw
+    # would reach it and give both ends half the weight. At n = 32 (256 px) this is the official set, draw for draw.
+    return rng.randrange(math.ceil(n / 4), n) / n
 
 
 def tau_rng(seed, step, micro, grad_accum):
@@ -80,14 +81,15 @@ def sample_tau(rng, latent_size, eq_prob=0.5, lowres_prob=0.25, transforms="rot+
     """
     h, w = latent_size
     if rng.random() < eq_prob:
-        if transforms == "aniso":  # ablation (Table 5): independent s_x, s_y, plus rotation
+        if transforms in ("aniso", "aniso+rot"):  # Table 5's anisotropic scaling: independent s_y, s_x
             scale = (_draw_scale(rng, h, scales), _draw_scale(rng, w, scales))
         elif transforms in ("scale", "rot+scale"):
             s = _draw_scale(rng, h, scales)
             scale = (s, s)
         else:
             scale = (1.0, 1.0)
-        k = rng.choice([1, 2, 3]) if transforms != "scale" else 0
+        # Rotations by 1, 2 or 3 quarter turns; the official `anisotropic: True` always rotates too ("aniso+rot").
+        k = rng.choice([1, 2, 3]) if transforms in ("rot", "rot+scale", "aniso+rot") else 0
         return Tau("eq", scale, k)
     if rng.random() < lowres_prob:
         s = _draw_scale(rng, h, scales)
@@ -115,11 +117,13 @@ class TauAutoencoder(nn.Module):
         self.vae, self.interp = vae, interp
         self.is_vq = isinstance(vae, models.VQGAN)
 
-    def forward(self, x, tau, sample_noise=None):
+    def forward(self, x, tau, sample_noise=None, latent_pair=False):
         """
         x: (B, 3, H, W) in [-1, 1]. Returns target (B, 3, H', W'), x_hat (same shape) and, for a KL-VAE, the
         posterior of the encoded image (KL is always on the untransformed posterior); for a VQ-GAN, the codebook loss.
         sample_noise: None (posterior.sample()) or a function shape -> N(0, 1) noise (the --shared-noise test hook).
+        latent_pair: also return (tau E(x), E(tau x)) with E the posterior mean (the continuous latent of a VQ-GAN),
+        for the explicit latent loss of App. A.1 (the equivariance branch only; None otherwise).
         """
         if tau.branch == "lowres":
             # Prior preservation at low resolution: the image itself is downscaled, then reconstructed as is.
@@ -135,13 +139,19 @@ class TauAutoencoder(nn.Module):
             else:
                 z = posterior.mean + posterior.std * sample_noise(posterior.mean.shape)
         target = x
+        pair = None
         if tau.branch == "eq":
             # Eq. 5: decode tau E(x) and compare with tau x -- the same resize and rotation on latent and image.
+            if latent_pair:
+                mean = z if self.is_vq else posterior.mean
+                e_tau = self.vae.encode(apply_tau(x, tau, self.interp))
+                pair = (apply_tau(mean, tau, self.interp), e_tau if self.is_vq else e_tau.mean)
             z = apply_tau(z, tau, self.interp)
             target = apply_tau(x, tau, self.interp)
         if self.is_vq:
             z, aux, _ = self.vae.quantize(z)
-        return target, self.vae.decode(z), aux
+        out = target, self.vae.decode(z), aux
+        return out + (pair,) if latent_pair else out
 
 
 #################################################################################
@@ -164,7 +174,7 @@ def adaptive_weight(nll, g_loss, last_layer, grad_scale=None):
 
 
 def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptual_weight=1.0, kl_weight=1e-6,
-                 disc_weight=0.5, sample_noise=None, grad_scale=None):
+                 disc_weight=0.5, sample_noise=None, latent_weight=0.0, grad_scale=None):
     """
     The EQ-VAE training objective for one batch, autoencoder side (Eq. 5 inside LDM's LPIPSWithDiscriminator):
         rec  = |tau x - D(tau E(x))| + perceptual_weight * LPIPS(tau x, D(tau E(x)))    (tau = identity when not "eq")
@@ -175,10 +185,18 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
     decoder's conv_out.weight; grad_scale: the GradScaler's scale, a tensor (fp16: see adaptive_weight). Returns a
     dict: "loss" (to minimise), detached parts, and "target", "x_hat".
     A VQ-GAN takes taming's loss instead (models.vq_generator_loss): means rather than sums, plus the codebook loss.
+    latent_weight > 0 adds the explicit latent loss of App. A.1 (the paper's ablation, weight 0.1), summed as nll:
+        latent = sum(||tau E(x) - E(tau x)||^2) / B     in the equivariance branch,
+    with gradients into both terms: the encoder can shrink every latent, the collapse the paper reports.
     """
-    target, x_hat, aux = model(x, tau, sample_noise)
+    pair = None
+    if latent_weight > 0 and tau.branch == "eq":
+        target, x_hat, aux, pair = model(x, tau, sample_noise, latent_pair=True)
+    else:
+        target, x_hat, aux = model(x, tau, sample_noise)
     target, x_hat = target.float(), x_hat.float()
     zero = torch.zeros((), device=x.device)
+    latent = zero if pair is None else (pair[0].float() - pair[1].float()).pow(2).sum() / x.shape[0]
     if tu.unwrap(model).is_vq:
         lpips_fn = lpips if perceptual_weight > 0 else (lambda a, b: a.new_zeros(a.shape[0]))
         disc_fn = (lambda y: disc(disc_input(y))) if disc is not None else (lambda y: y.new_zeros(()))
@@ -186,7 +204,8 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
                                                disc_factor=float(disc is not None), perceptual_weight=perceptual_weight,
                                                disc_weight=disc_weight, grad_scale=grad_scale)
         parts["g"] = parts.pop("g_loss")
-        return {"loss": loss, **parts, "target": target, "x_hat": x_hat}
+        return {"loss": loss + latent_weight * latent, **parts, "latent": latent.detach(), "target": target,
+                "x_hat": x_hat}
 
     p_loss = lpips(target, x_hat).float().view(-1, 1, 1, 1) if perceptual_weight > 0 else zero
     B = x.shape[0]
@@ -195,14 +214,14 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
     rec = (target - x_hat).abs() + perceptual_weight * p_loss                   # (B, 3, H', W')
     nll = (rec / math.exp(LOGVAR) + LOGVAR).sum() / B
     kl = aux.kl().float().sum() / B                                            # on the posterior of the encoded x
-    loss = nll + kl_weight * kl
+    loss = nll + kl_weight * kl + latent_weight * latent
     g_loss, d_weight = zero, zero
     if disc is not None:
         g_loss = -disc(disc_input(x_hat)).float().mean()
         d_weight = adaptive_weight(nll, g_loss, last_layer, grad_scale) * disc_weight
         loss = loss + d_weight * g_loss                                        # disc_factor 1 from --disc-start on
     parts = {"nll": nll.detach(), "rec": (target - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
-             "kl": kl.detach(), "g": g_loss.detach(), "d_weight": d_weight}
+             "kl": kl.detach(), "g": g_loss.detach(), "d_weight": d_weight, "latent": latent.detach()}
     return {"loss": loss, **parts, "target": target, "x_hat": x_hat}
 
 
@@ -228,25 +247,49 @@ def discriminator_loss(disc, target, x_hat):
 #################################################################################
 
 @torch.no_grad()
-def equivariance_errors(vae, x, interp="bilinear"):
+def equivariance_errors(vae, x, interp="bilinear", batch=16):
     """App. C.3 on a fixed batch, E = posterior mean: {"eq_err_rot": mean over T_r, "eq_err_scale": mean over T_s}."""
     # The paper's metric, the very function evaluate.py reports, so the dashboard and the evaluation agree.
-    errors = models.equivariance_error(models.encoder_fn(vae, "mean"), x, image_interp=interp, latent_interp=interp)
-    summary = models.summarize_equivariance(errors)
+    parts = [models.equivariance_error(models.encoder_fn(vae, "mean"), x[i:i + batch], image_interp=interp,
+                                       latent_interp=interp) for i in range(0, len(x), batch)]
+    summary = models.summarize_equivariance({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
     return {"eq_err_rot": summary["rotation"], "eq_err_scale": summary["scale"]}
 
 
 @torch.no_grad()
-def save_preview(vae, x, path, interp="bilinear"):
-    """The paper's Figure 2 view, one row each: x, D(E(x)), tau x, D(tau E(x)) with tau = (scale 1/2, pi/2)."""
+def held_out_summary(vae, x, interp="bilinear", batch=16):
+    """What the method changes, on held-out images x: the equivariance errors, and PSNR (uint8) / SSIM
+    (torchmetrics' default) of reconstructions from the posterior mean."""
+    recon = torch.cat([models.decoder_fn(vae)(models.encoder_fn(vae, "mean")(x[i:i + batch])).float()
+                       for i in range(0, len(x), batch)])
+    return {**equivariance_errors(vae, x, interp), "psnr": float(models.psnr(data.to_uint8(recon),
+            data.to_uint8(x)).mean()), "ssim": float(models.ssim(recon, x).mean())}
+
+
+PREVIEW_TAU = Tau("eq", (0.5, 0.5), 1)  # the preview's tau: half size and a quarter turn
+
+
+@torch.no_grad()
+def preview_rows(vae, x, interp="bilinear"):
+    """
+    The paper's Figure 2 view of images x (B, 3, H, W), posterior means decoded, tau = PREVIEW_TAU:
+    {"x", "D(E(x))", "tau x", "D(E(tau x))", "D(tau E(x))"}, each (B, 3, H, W) (small ones repeated to full size).
+    The figure compares the last two: decoding the transformed image's latent, and decoding the transformed latent;
+    EQ-VAE makes D(tau E(x)) look like tau x.
+    """
     model = TauAutoencoder(vae, interp)
-    tau = Tau("eq", (0.5, 0.5), 1)
-    mean = lambda shape: torch.zeros(shape, device=x.device)                # zero noise: decode the posterior mean
+    mean = lambda shape: torch.zeros(shape, device=x.device)               # zero noise: decode the posterior mean
     _, recon, _ = model(x, Tau("plain"), mean)
-    tau_x, tau_recon, _ = model(x, tau, mean)
-    up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="nearest")     # small rows shown at full size
-    grid = torch.cat([x, recon, up(tau_x), up(tau_recon)]).clamp(-1, 1)
-    data.save_image_grid(grid, path, nrow=x.shape[0])
+    tau_x, tau_recon, _ = model(x, PREVIEW_TAU, mean)                      # tau x, D(tau E(x))
+    _, recon_tau, _ = model(tau_x, Tau("plain"), mean)                      # D(E(tau x))
+    up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="nearest")    # small rows shown at full size
+    return {"x": x, "D(E(x))": recon, "tau x": up(tau_x), "D(E(tau x))": up(recon_tau), "D(tau E(x))": up(tau_recon)}
+
+
+def save_preview(vae, x, path, interp="bilinear"):
+    """preview_rows as one labelled PNG, a row each."""
+    rows = preview_rows(vae, x, interp)
+    data.save_image_grid(torch.cat(list(rows.values())).clamp(-1, 1), path, nrow=x.shape[0], row_labels=list(rows))
 
 
 #################################################################################
@@ -343,14 +386,17 @@ def shared_noise(seed, step, micro, grad_accum, rank, world, device):
     return sample
 
 
-def export_autoencoder(vae, exp_dir, logger):
+def export_autoencoder(vae, exp_dir, logger, discriminator=None):
     """The fine-tuned autoencoder as a taming checkpoint (VQ-GAN), or an LDM checkpoint and a diffusers folder (KL).
     The last training checkpoint already holds the weights; each export is tried even when another fails (a kl-f16
     with a custom architecture, say), and a failure is reported at the end, naming what was written."""
+    # The LDM / taming files carry the discriminator too, as their upstream training checkpoints do: fine-tuning
+    # one of them again starts from it (--init-state).
+    with_disc = lambda save: lambda ae, path: save(ae, path, discriminator=discriminator)
     if isinstance(vae, models.VQGAN):
-        exports = [("vqgan.ckpt", checkpoints.save_taming)]
+        exports = [("vqgan.ckpt", with_disc(checkpoints.save_taming))]
     else:
-        exports = [("eqvae.ckpt", checkpoints.save_ldm), ("diffusers", checkpoints.save_diffusers)]
+        exports = [("eqvae.ckpt", with_disc(checkpoints.save_ldm)), ("diffusers", checkpoints.save_diffusers)]
     written, failed = [], []
     for name, save in exports:
         try:
@@ -365,13 +411,73 @@ def export_autoencoder(vae, exp_dir, logger):
     logger.info(f"Done: exported the fine-tuned autoencoder to {exp_dir} ({' and '.join(written)})")
 
 
+def restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger):
+    """--init-state official: the init file's discriminator and Adam states, as Lightning's resume restores them;
+    weights: its discriminator only. Returns the learning rate from now on (logged): the file's, when its Adam
+    state was restored, unless --lr says otherwise."""
+    state = checkpoints.init_training_state(args.init, vae, disc)
+    logger.info(f"Init state: {state['note']}")
+    if state["disc"] is not None:
+        checkpoints.load_state_dict_checked(disc, state["disc"], f"{args.init} (its discriminator)")
+        logger.info("  discriminator: restored from the init file (not a random PatchGAN)")
+    else:
+        logger.info("  discriminator: none in the init file, a random PatchGAN")
+    if args.init_state != "official" or state["opt_ae"] is None:
+        return lr
+    opt_ae.load_state_dict(state["opt_ae"])
+    if state["opt_disc"] is not None:
+        opt_disc.load_state_dict(state["opt_disc"])
+    stored = opt_ae.param_groups[0]["lr"]
+    new = args.lr if args.lr is not None else stored
+    for opt in (opt_ae, opt_disc):
+        for g in opt.param_groups:
+            g["lr"] = new
+    logger.info(f"  Adam states: restored (moments, step counts, betas {tuple(opt_ae.param_groups[0]['betas'])}); "
+                f"learning rate {new:.3g} " + ("(set with --lr)" if args.lr is not None else
+                f"from the file, as Lightning's resume does (the configured {lr:.3g} is replaced)"))
+    return new
+
+
+def held_out_images(args, device):
+    """The first --val-images of --val-data ('synthetic': the synthetic set of another seed, held out from
+    training), Resize + CenterCrop as the official evaluation; None when there is none."""
+    source = args.val_data or ("synthetic" if args.data == "synthetic" else None)
+    if source is None or args.val_images == 0:
+        return None
+    ds = data.build_dataset(source, args.resolution, "resize_center", num_images=args.val_images, seed=1)
+    return torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
+
+
+@torch.no_grad()
+def validation_loss(vae, x, lpips, perceptual_weight, batch=16):
+    """LDM's val/rec_loss (AutoencoderKL.validation_step): the plain reconstruction of a posterior sample, mean
+    |x - x_hat| + perceptual_weight * mean LPIPS, without GAN and KL; LPIPS in eval mode, fixed noise (seed 0)."""
+    g = torch.Generator(x.device).manual_seed(0)
+    total = 0.0
+    was = lpips.training if lpips is not None else None
+    if lpips is not None:
+        lpips.eval()
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        x_hat = vae(xb)[0] if isinstance(vae, models.VQGAN) else vae.decode(vae.encode(xb).sample(g))
+        rec = (xb - x_hat).abs().mean(dim=(1, 2, 3))
+        if lpips is not None and perceptual_weight > 0:
+            rec = rec + perceptual_weight * lpips(xb, x_hat).view(-1)
+        total += float(rec.sum())
+    if lpips is not None:
+        lpips.train(was)
+    return total / len(x)
+
+
 def main(args):
     """Fine-tune an autoencoder with the EQ-VAE objective."""
     # Setup DDP:
     dist = tu.setup_distributed()
     rank, world, device = dist.rank, dist.world_size, dist.device
     batch = tu.per_rank_batch(args.global_batch_size, world)
-    precision = tu.resolve_precision(args.precision, device)
+    # fp32 by default, as the official run (Lightning's precision 32; TF32 matmuls on Ampere and later, which
+    # setup_distributed enables as DiT does); --precision bf16 is a flag (see the README).
+    precision = tu.resolve_precision(args.precision, device, cuda_default="fp32")
 
     # Setup an experiment folder:
     exp = tu.setup_experiment(args.results_dir, run_name(args), args.resume, dist, precision, args, RESUME_KEYS)
@@ -385,7 +491,11 @@ def main(args):
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     logger.info(f"Dataset: {len(dataset):,} images at {args.resolution} px; global batch {args.global_batch_size} "
                 f"({batch} per GPU) x accumulation {args.grad_accum}; {steps_per_epoch:,} steps/epoch, {max_steps:,} steps")
-    preview_x = torch.stack([loader.dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(device)
+    # Held-out images (--val-data; the synthetic set of another seed by default) for the validation loss and the
+    # previews: the same images whatever the run's seed, so previews of different runs compare.
+    val_x = held_out_images(args, device)
+    preview_x = val_x[:8] if val_x is not None else torch.stack([data.build_dataset(
+        args.data, args.resolution, "resize_center", num_images=8)[i][0] for i in range(min(8, len(dataset)))]).to(device)
 
     # Create models (seeded identically on every rank, so the initial weights do not depend on the world size):
     torch.manual_seed(args.global_seed)
@@ -409,6 +519,11 @@ def main(args):
     opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
     opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
+
+    # The official starting state: zelaki/eqvae passes kl-f8's model.ckpt to --resume, so Lightning restores its
+    # trained PatchGAN and both Adams, their learning rate included (see checkpoints.init_training_state):
+    if exp.resume is None and args.init.lower() != "none" and args.init_state != "fresh":
+        lr = restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger)
 
     # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG), then seed each
     # rank for the loop (DiT's per-rank seeds; tau stays shared, see tau_rng):
@@ -434,18 +549,27 @@ def main(args):
         raise ValueError(f"--resolution {args.resolution} makes {smallest} px targets at the smallest scale, too "
                          f"small for LPIPS's VGG (>= 16 px): use --resolution >= 64 or --perceptual-weight 0.")
 
-    def save(step_):
+    def save(step_, folder=exp.ckpt_dir):
         """Checkpoint everything exact resume needs (collective: every rank's RNG is gathered)."""
-        tu.save_training_checkpoint(exp.ckpt_dir, step_, args.keep_last, logger, model=vae.state_dict(),
+        keep = args.keep_last if folder == exp.ckpt_dir else 0  # the best ones are pruned by keep_best
+        tu.save_training_checkpoint(folder, step_, keep, logger, model=vae.state_dict(),
                                     disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
                                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                                     loader=loader.state_dict(), config=dict(vae.config), args=vars(args),
                                     skipped_steps=int(skipped))
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
-                f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}")
+                f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}"
+                + (f"; explicit latent loss x {args.latent_loss_weight} (App. A.1)" if args.latent_loss_weight else ""))
+    val_every = args.val_every or steps_per_epoch  # once an epoch by default, as the official run validates
+    # The autoencoder before fine-tuning, on the held-out images: the end of the run compares with it.
+    summary_path = os.path.join(exp.dir, "summary.json")
+    if dist.is_main and step == 0 and val_x is not None:
+        base = held_out_summary(vae.eval(), val_x, args.interp)
+        vae.train()
+        checkpoints.atomic_write(summary_path, lambda tmp: open(tmp, "w").write(json.dumps({"base": base})))
     names = ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
-             "logits_fake", "eq_share"]
+             "logits_fake", "eq_share"] + (["latent"] if args.latent_loss_weight > 0 else [])
     meter = tu.TrainingMeter(names, exp, max_steps, step, args.grad_accum * args.global_batch_size, device)
     one = torch.ones((), device=device)  # scaler.scale(one): GradScaler's scale as a tensor (fp16), read without a sync
     while step < max_steps:
@@ -470,6 +594,7 @@ def main(args):
                 with tu.autocast(precision, device):
                     out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
                                        args.perceptual_weight, args.kl_weight, args.disc_weight, noise,
+                                       args.latent_loss_weight,
                                        grad_scale=scaler.scale(one) / args.grad_accum if scaler.is_enabled() else None)
                 scaler.scale(out["loss"] / args.grad_accum).backward()  # the micro-batch mean, as Lightning accumulates
                 tu.requires_grad(disc, True)
@@ -505,24 +630,46 @@ def main(args):
         if step % args.log_every == 0 or step == max_steps:
             meter.log(step, skipped_steps=int(skipped))
 
-        # Preview and equivariance error on a fixed batch (rank 0; the others continue to the next collective):
+        # Preview and equivariance error on the held-out batch (rank 0; the others continue to the next collective):
         if dist.is_main and (step % args.preview_every == 0 or step == max_steps):
             vae.eval()
             with tu.autocast(precision, device):
-                err = equivariance_errors(vae, preview_x, args.interp)
+                err = equivariance_errors(vae, val_x if val_x is not None else preview_x, args.interp)
                 save_preview(vae, preview_x, os.path.join(exp.dir, "previews", f"{step:07d}.png"), args.interp)
             vae.train()
             exp.metrics.write(step, **err)
             logger.info(f"step {step}: equivariance error rot {err['eq_err_rot']:.4f}, scale {err['eq_err_scale']:.4f}")
+
+        # Validation loss and the --keep-best checkpoints (the official ModelCheckpoint: top 3 by val/rec_loss):
+        if val_x is not None and (step % val_every == 0 or step == max_steps):
+            vae.eval()
+            value = validation_loss(vae, val_x, lpips, args.perceptual_weight) if dist.is_main else None
+            vae.train()
+            value = tu.broadcast_object(value)  # rank 0's, on every rank: they all take part in keep_best's save
+            exp.metrics.write(step, val_rec_loss=value)
+            if args.keep_best > 0:
+                tu.keep_best(os.path.join(exp.ckpt_dir, "best"), step, value, args.keep_best,
+                             lambda s: save(s, os.path.join(exp.ckpt_dir, "best")))
 
         # Save checkpoint:
         if step % args.ckpt_every == 0 or step == max_steps:
             save(step)
     meter.close()
 
-    # Export the autoencoder (the EMA one when enabled):
+    # Export the autoencoder (the EMA one when enabled), and say what the fine-tune changed on held-out images:
     if dist.is_main:
-        export_autoencoder((ema if ema is not None else vae).eval(), exp.dir, logger)
+        final = (ema if ema is not None else vae).eval()
+        export_autoencoder(final, exp.dir, logger, disc)
+        if val_x is not None and os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = dict(json.load(f), fine_tuned=held_out_summary(final, val_x, args.interp))
+            checkpoints.atomic_write(summary_path, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=2)))
+            b, a = summary["base"], summary["fine_tuned"]
+            logger.info(f"Summary on {len(val_x)} held-out images (base -> fine-tuned): equivariance error rotation "
+                        f"{b['eq_err_rot']:.3f} -> {a['eq_err_rot']:.3f}, scale {b['eq_err_scale']:.3f} -> "
+                        f"{a['eq_err_scale']:.3f}; PSNR {b['psnr']:.2f} -> {a['psnr']:.2f} dB; SSIM {b['ssim']:.3f} -> "
+                        f"{a['ssim']:.3f}. Previews: {os.path.join(exp.dir, 'previews')}; exports and "
+                        f"summary.json: {exp.dir}")
     tu.barrier()
     return exp.dir
 
@@ -545,7 +692,7 @@ def get_parser():
     # Default args here fine-tune SD-VAE with the settings of the official EQ-VAE code (configs/eqvae_config.yaml).
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # The global seed 23 is the official main.py's; the run folder defaults to eqvae-<init name>.
-    tu.add_run_args(p, PRESETS, seed=23, log_every=50, ckpt_every=2000, keep_last=3,
+    tu.add_run_args(p, PRESETS, seed=23, log_every=50, ckpt_every=2000, keep_last=3, cuda_precision="fp32",
                     data_help="image folder (OpenImages / ImageNet train) or 'synthetic'")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--model", choices=["kl", "vq"], default="kl", help="KL-VAE (SD-VAE, SDXL-VAE) or VQ-GAN")
@@ -559,10 +706,24 @@ def get_parser():
     p.add_argument("--eq-prob", type=float, default=0.5, help="probability of the equivariance branch (p_alpha); "
                    "0 is the plain fine-tune control of Table 6 (add --lowres-prob 0 for full-resolution only)")
     p.add_argument("--lowres-prob", type=float, default=0.25, help="prior preservation: share at low resolution")
-    p.add_argument("--transforms", choices=["rot", "scale", "rot+scale", "aniso"], default="rot+scale",
-                   help="Table 5: rotations, scalings, both, or anisotropic scaling + rotation")
+    p.add_argument("--transforms", choices=["rot", "scale", "rot+scale", "aniso", "aniso+rot"], default="rot+scale",
+                   help="Table 5: rotations, scalings, both, anisotropic scaling, or anisotropic scaling + rotation "
+                   "(the official anisotropic: True)")
     p.add_argument("--scales", choices=["discrete", "uniform"], default="discrete",
                    help="official 8/32..31/32 (x latent side) or the paper's U(0.25, 1) on the latent grid")
+    p.add_argument("--latent-loss-weight", type=float, default=0.0, help="App. A.1's explicit latent loss "
+                   "||tau E(x) - E(tau x)||^2 (the paper: 0.1, which collapses the latent space); 0 = off")
+    p.add_argument("--init-state", choices=["official", "weights", "fresh"], default="official",
+                   help="official: the --init file's discriminator and Adam states (its learning rate too, unless "
+                   "--lr), as the official run's Lightning resume restores them; weights: its discriminator only; "
+                   "fresh: a random PatchGAN and new Adams")
+    p.add_argument("--val-data", type=str, default=None, help="held-out images for the validation loss, previews "
+                   "and summary (default: for --data synthetic, another seed's synthetic images; else none)")
+    p.add_argument("--val-images", type=int, default=64, help="how many held-out images (0 = no validation)")
+    p.add_argument("--val-every", type=tu.positive_int, default=None, help="steps between validations (default: an "
+                   "epoch, as the official run)")
+    p.add_argument("--keep-best", type=int, default=3, help="also keep the checkpoints of the K lowest validation "
+                   "losses, in checkpoints/best/ (the official ModelCheckpoint: top 3 by val/rec_loss; 0 = off)")
     p.add_argument("--interp", choices=["bilinear", "bicubic"], default="bilinear",
                    help="resize of latent and image (official: bilinear; the paper text: bicubic)")
     # Loss (LDM LPIPSWithDiscriminator as configured for EQ-VAE)

@@ -795,6 +795,38 @@ def psnr(x, y, peak=255.0):
     return 10 * torch.log10(peak ** 2 / mse)
 
 
+def ssim(x, y, data_range=None, crop=False, k1=0.01, k2=0.03):
+    """
+    Per-image SSIM (Wang et al. 2004) of (N, C, H, W) images: Gaussian window 11 / sigma 1.5, population statistics,
+    the mean over all positions and channels. The defaults are torchmetrics' (>= 1.5) StructuralSimilarityIndexMeasure
+    as the official EQ-VAE eval.py calls it, one image per call: data_range None = max(range of x, range of y) per
+    image, reflect padding by 5 so the map covers every pixel. data_range (lo, hi) first clamps both to [lo, hi]
+    (LightningDiT's evaluate_tokenizer.py: (-1, 1)); a number is used as is. crop=True averages only the valid
+    (unpadded) positions: skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False).
+    """
+    x, y = x.double(), y.double()
+    if isinstance(data_range, tuple):
+        x, y = x.clamp(*data_range), y.clamp(*data_range)
+        data_range = data_range[1] - data_range[0]
+    elif data_range is None:
+        span = lambda t: t.flatten(1).max(1).values - t.flatten(1).min(1).values
+        data_range = torch.maximum(span(x), span(y)).view(-1, 1, 1, 1)
+    if not crop:
+        x, y = F.pad(x, (5, 5, 5, 5), mode="reflect"), F.pad(y, (5, 5, 5, 5), mode="reflect")
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum()).repeat(x.shape[1], 1, 1, 1)                        # (C, 1, 1, 11), separable
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, g, groups=t.shape[1]), g.transpose(2, 3), groups=t.shape[1])
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = (blur(x * x) - mu_x ** 2).clamp_min(0), (blur(y * y) - mu_y ** 2).clamp_min(0)
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
 #################################################################################
 #               DiT: Embedding Layers for Timesteps and Class Labels            #
 #################################################################################

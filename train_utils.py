@@ -195,7 +195,8 @@ def describe_presets(presets):
                      for name, p in presets.items()) + " (options you type still win)"
 
 
-def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_help="an image folder, or 'synthetic'"):
+def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_help="an image folder, or 'synthetic'",
+                 cuda_precision="bf16"):
     """The options every trainer shares, with the stage's defaults: data, run folder, resume, system."""
     g = parser.add_argument_group("data and run folder")
     g.add_argument("--preset", choices=sorted(presets), default=None, help=describe_presets(presets))
@@ -207,7 +208,7 @@ def add_run_args(parser, presets, seed, log_every, ckpt_every, keep_last, data_h
                    "checkpoint path")
     g = parser.add_argument_group("system")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+                   help=f"autocast precision (default: {cuda_precision} on CUDA, fp32 on CPU)")
     g.add_argument("--global-seed", type=int, default=seed, help="seed of the run (rank r uses seed * world + r)")
     g.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU (training, and building "
                    "a latent or token cache)")
@@ -365,6 +366,32 @@ def check_resolution(resolution, autoencoder, patch=1, flag="--image-size"):
                          f"{autoencoder.downsampling}{f' x patch {patch}' if patch > 1 else ''}): use {lo} or {hi}")
 
 
+def keep_best(folder, step, value, k, save):
+    """
+    Keep the k checkpoints of lowest `value` (a validation loss) in `folder`, as Lightning's ModelCheckpoint(
+    monitor=..., save_top_k=k) does: save(step) writes folder/<step>.pt when this step is among the k best so far,
+    and the one it displaces is removed; folder/best.json records {step: value}. Collective when save is.
+    Returns whether this step was kept.
+    """
+    index = os.path.join(folder, "best.json")
+    best = {}
+    if os.path.exists(index):
+        with open(index) as f:
+            best = {int(s): v for s, v in json.load(f).items()}
+    best[int(step)] = float(value)
+    keep = sorted(best, key=lambda s: (best[s], s))[:k]
+    if step not in keep:
+        return False
+    save(step)
+    if _rank() == 0:
+        for s in set(best) - set(keep):
+            if os.path.exists(os.path.join(folder, f"{s:07d}.pt")):
+                os.remove(os.path.join(folder, f"{s:07d}.pt"))
+        checkpoints.atomic_write(index, lambda tmp: open(tmp, "w").write(json.dumps({s: best[s] for s in keep})))
+    barrier()
+    return True
+
+
 def per_rank_batch(global_batch_size, world_size):
     """The batch of one process; the global batch must split evenly (DiT's assertion, as an error that says why)."""
     if global_batch_size < 1 or global_batch_size % world_size:
@@ -462,10 +489,10 @@ def seed_everything(seed, rank=0, world_size=1):
     return s
 
 
-def resolve_precision(precision, device):
-    """None -> bf16 on CUDA (fast, no loss scaling needed), fp32 on CPU."""
+def resolve_precision(precision, device, cuda_default="bf16"):
+    """None -> cuda_default on CUDA (bf16 for the generators: fast, no loss scaling), fp32 on CPU."""
     if precision is None:
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return cuda_default if torch.device(device).type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp16" and torch.device(device).type != "cuda":

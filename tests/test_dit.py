@@ -397,3 +397,21 @@ def test_sample_reads_official_and_train_py_checkpoints(tmp_path):
     assert all(torch.equal(sample.read_checkpoint(str(tmp_path / "plain.pt"), "ema")[0][k], sd[k]) for k in sd)
     assert all(torch.equal(sample.read_checkpoint(str(tmp_path / "trainpy.pt"), "ema")[0][k], ema[k]) for k in sd)
     assert all(torch.equal(sample.read_checkpoint(str(tmp_path / "trainpy.pt"), "model")[0][k], sd[k]) for k in sd)
+
+
+def test_guidance_interval_in_dit_sampler_by_hand():
+    """EQ-VAE Table 4's *: guidance only for t / 1000 in [low, high]; elsewhere the conditional output, by hand."""
+    torch.manual_seed(0)
+    dit = models.DiT_models["DiT-T/2"](input_size=8, num_classes=10).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        x = torch.randn(2, 4, 8, 8)
+        for t_val, guided in ((100, False), (500, True), (900, False)):
+            t, y = torch.tensor([t_val, t_val]), torch.tensor([3, 10])
+            out = dit.forward_with_cfg(torch.cat([x[:1], x[:1]]), t, y, cfg_scale=4.0, guidance_interval=(0.2, 0.7))
+            both = dit(torch.cat([x[:1], x[:1]]), t, y)
+            cond, uncond = both[:1, :3], both[1:, :3]
+            want = uncond + 4.0 * (cond - uncond) if guided else cond
+            torch.testing.assert_close(out[:1, :3], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[:1, 3:], both[:1, 3:], atol=0, rtol=0)  # the 4th channel and sigma: cond

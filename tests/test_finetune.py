@@ -91,11 +91,18 @@ def test_sample_tau_variants():
     draw = lambda n=2000, **kw: [fe.sample_tau(rng, (32, 32), eq_prob=1.0, **kw) for _ in range(n)]
     assert all(t.scale == (1.0, 1.0) and t.k in (1, 2, 3) for t in draw(transforms="rot"))
     assert all(t.k == 0 and t.scale[0] == t.scale[1] < 1 for t in draw(transforms="scale"))
-    aniso = draw(transforms="aniso")
-    assert sum(t.scale[0] != t.scale[1] for t in aniso) > 0.9 * len(aniso) and all(t.k for t in aniso)
-    # The paper's s ~ U(0.25, 1) on the latent grid: multiples of 1/32 in [8/32, 32/32], all of them reached.
-    uni = Counter(t.scale[0] for t in draw(scales="uniform", transforms="scale"))
-    assert set(uni) == {m / 32 for m in range(8, 33)}
+    # Table 5's anisotropic scaling alone, and with rotations (the official `anisotropic: True`).
+    aniso, aniso_rot = draw(transforms="aniso"), draw(transforms="aniso+rot")
+    assert sum(t.scale[0] != t.scale[1] for t in aniso) > 0.9 * len(aniso) and all(t.k == 0 for t in aniso)
+    assert sum(t.scale[0] != t.scale[1] for t in aniso_rot) > 0.9 * len(aniso_rot) and all(t.k for t in aniso_rot)
+    # The paper's s ~ U(0.25, 1) on the latent grid: every whole latent size in [n/4, n) equally likely, never s = 1
+    # (no transformation); at n = 32 it is the official set. Chi-square against the flat distribution.
+    for n in (32, 20):
+        uni = Counter(fe.sample_tau(rng, (n, n), eq_prob=1.0, transforms="scale", scales="uniform").scale[0]
+                      for _ in range(6000))
+        want = [m / n for m in range(math.ceil(n / 4), n)]
+        assert sorted(uni) == want
+        assert chi2.sf(sum((uni[s] - 6000 / len(want)) ** 2 / (6000 / len(want)) for s in want), len(want) - 1) > 1e-3
     assert all(fe.sample_tau(rng, (32, 32), eq_prob=0.0).branch != "eq" for _ in range(200))  # Table 6 control
 
 
@@ -361,3 +368,101 @@ def test_preset_changes_only_untyped_defaults():
     args = fe.parse_args(["--data", "/imagenet/train", "--init", "sd-vae-ft-ema/"])  # the paper's settings
     assert (args.eq_prob, args.lowres_prob, args.global_batch_size, args.grad_accum, args.disc_start) == (0.5, 0.25, 80, 2, 0)
     assert args.base_lr * args.grad_accum * args.global_batch_size == pytest.approx(7.2e-4)
+
+
+#################################################################################
+#        The paper's protocol: starting state, precision, preview, ablations     #
+#################################################################################
+
+def lightning_checkpoint(path, vae, disc):
+    """An LDM training checkpoint as Lightning 1.4 writes it (the official run's --resume input, kl-f8's
+    model.ckpt): state_dict in module order with loss.* between decoder and quant convs, two Adam states by
+    parameter position (configure_optimizers' order), global_step."""
+    ae_params = [p for m in (vae.encoder, vae.decoder, vae.quant_conv, vae.post_quant_conv) for p in m.parameters()]
+    opt_ae, opt_disc = torch.optim.Adam(ae_params, lr=3e-5, betas=(0.5, 0.9)), torch.optim.Adam(disc.parameters(),
+                                                                                                 lr=3e-5, betas=(0.5, 0.9))
+    for p in ae_params + list(disc.parameters()):
+        p.grad = torch.randn_like(p)
+    opt_ae.step(), opt_disc.step()
+    sd = {f"encoder.{k}": v for k, v in vae.encoder.state_dict().items()}
+    sd.update({f"decoder.{k}": v for k, v in vae.decoder.state_dict().items()})
+    sd.update({"loss.logvar": torch.zeros(()), **{f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()}})
+    sd.update({f"quant_conv.{k}": v for k, v in vae.quant_conv.state_dict().items()})
+    sd.update({f"post_quant_conv.{k}": v for k, v in vae.post_quant_conv.state_dict().items()})
+    torch.save({"state_dict": sd, "optimizer_states": [opt_ae.state_dict(), opt_disc.state_dict()],
+                "lr_schedulers": [], "global_step": 246803, "epoch": 12,
+                "config": vae.config}, path)  # (the config only because this tiny one's GroupNorm(8) is not inferable)
+    return opt_ae, opt_disc
+
+
+def test_official_starting_state_restores_the_discriminator_and_both_adams(tmp_path):
+    torch.manual_seed(0)
+    vae, disc = models.KLVAE(**json.loads(TINY)), models.NLayerDiscriminator(ndf=8).apply(models.weights_init)
+    disc(torch.randn(2, 3, 64, 64))  # BatchNorm statistics of a trained discriminator, not the init's
+    opt_ae, opt_disc = lightning_checkpoint(tmp_path / "model.ckpt", vae, disc)
+    state = checkpoints.init_training_state(str(tmp_path / "model.ckpt"), vae, disc)
+    assert state["global_step"] == 246803
+    assert all(torch.equal(state["disc"][k], v) for k, v in disc.state_dict().items())  # BN buffers included
+    fresh_vae, fresh_disc = models.KLVAE(**json.loads(TINY)), models.NLayerDiscriminator(ndf=8)
+    new_ae, new_disc = torch.optim.Adam(fresh_vae.parameters()), torch.optim.Adam(fresh_disc.parameters())
+    new_ae.load_state_dict(state["opt_ae"]), new_disc.load_state_dict(state["opt_disc"])
+    old = {id(p): n for n, p in vae.named_parameters()}
+    by_name = {old[id(p)]: opt_ae.state[p] for p in opt_ae.param_groups[0]["params"]}
+    for name, p in fresh_vae.named_parameters():
+        assert torch.equal(new_ae.state[p]["exp_avg"], by_name[name]["exp_avg"]), name
+    assert new_ae.param_groups[0]["lr"] == 3e-5  # param_groups come from the file, as Optimizer.load_state_dict
+    for p, q in zip(fresh_disc.parameters(), disc.parameters()):
+        assert torch.equal(new_disc.state[p]["exp_avg_sq"], opt_disc.state[q]["exp_avg_sq"])
+    # The whole run: restored and logged; the file's learning rate unless --lr; --init-state fresh restores nothing.
+    folder = fe.main(fe.parse_args(["--preset", "tiny", "--init", str(tmp_path / "model.ckpt"), "--config", TINY,
+                                    "--max-steps", "1", "--num-images", "8", "--global-batch-size", "2",
+                                    "--disc-ndf", "8", "--results-dir", str(tmp_path), "--exp-name", "a"]))
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert "discriminator: restored from the init file" in log and "learning rate 3e-05 from the file" in log
+    folder = fe.main(fe.parse_args(["--preset", "tiny", "--init", str(tmp_path / "model.ckpt"), "--init-state",
+                                    "fresh", "--max-steps", "1", "--num-images", "8", "--global-batch-size", "2",
+                                    "--disc-ndf", "8", "--results-dir", str(tmp_path), "--exp-name", "b"]))
+    assert "Init state" not in open(os.path.join(folder, "log.txt")).read()
+
+
+def test_fine_tune_defaults_to_fp32_on_cuda_and_generators_to_bf16(monkeypatch):
+    assert tu.resolve_precision(None, torch.device("cuda"), cuda_default="fp32") == "fp32"
+    assert tu.resolve_precision(None, torch.device("cuda")) == "bf16" and tu.resolve_precision(None, "cpu") == "fp32"
+    seen = {}
+
+    def stop(precision, device, cuda_default="bf16"):
+        seen["default"] = cuda_default
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tu, "resolve_precision", stop)
+    with pytest.raises(KeyboardInterrupt):
+        fe.main(fe.parse_args(["--preset", "tiny"]))
+    assert seen["default"] == "fp32"  # the official fine-tune: Lightning's 32-bit
+
+
+def test_preview_rows_show_figure_2_on_an_exactly_equivariant_autoencoder():
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    rows = fe.preview_rows(PointwiseAE(), x)
+    assert list(rows) == ["x", "D(E(x))", "tau x", "D(E(tau x))", "D(tau E(x))"]
+    torch.testing.assert_close(rows["D(E(tau x))"], rows["D(tau E(x))"], atol=1e-5, rtol=0)  # equivariant: equal
+    torch.testing.assert_close(rows["D(tau E(x))"], rows["tau x"], atol=1e-5, rtol=0)
+    bad = fe.preview_rows(PointwiseAE(True), x)
+    assert (bad["D(E(tau x))"] - bad["D(tau E(x))"]).abs().max() > 1e-2  # not equivariant: they differ
+
+
+def test_explicit_latent_loss_by_hand():
+    """App. A.1: sum over the batch of ||tau E(x) - E(tau x)||^2, divided by B, times the weight, added to the loss."""
+    torch.manual_seed(0)
+    ae = PointwiseAE(True)  # its latent offset map makes tau E(x) and E(tau x) differ
+    model, x, tau = fe.TauAutoencoder(ae), torch.rand(2, 3, 16, 16) * 2 - 1, fe.Tau("eq", (0.5, 0.5), 1)
+    zero = lambda shape: torch.zeros(shape)
+    z = torch.einsum("oc,bchw->bohw", ae.A, x) + ae._offset(16, 16)                       # E(x), the mean
+    tx = torch.rot90(F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False), 1, (-1, -2))
+    e_tx = torch.einsum("oc,bchw->bohw", ae.A, tx) + ae._offset(8, 8)                     # E(tau x)
+    tz = torch.rot90(F.interpolate(z, size=(8, 8), mode="bilinear", align_corners=False), 1, (-1, -2))
+    want = (tz - e_tx).pow(2).sum() / 2
+    plain = fe.eqvae_losses(model, x, tau, perceptual_weight=0.0, sample_noise=zero)
+    out = fe.eqvae_losses(model, x, tau, perceptual_weight=0.0, sample_noise=zero, latent_weight=0.1)
+    torch.testing.assert_close(out["latent"], want)
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.1 * want)
+    assert fe.eqvae_losses(model, x, fe.Tau("plain"), perceptual_weight=0.0, sample_noise=zero,
+                           latent_weight=0.1)["latent"] == 0  # only the equivariance branch has a pair
