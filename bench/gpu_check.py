@@ -1,15 +1,16 @@
 """
 The one GPU check (bench/gpu_check.sh runs it): every stage at its real size, random weights only (nothing is read
-or downloaded), bf16 autocast, a few warm steps each, then one table: images/s, model FLOP utilisation (MFU)
-against this chip's *measured* bf16 matmul peak, and peak memory.
+or downloaded), bf16 autocast (the fine-tune also in its default fp32, and fp16), a few warm steps each, then one
+table: images/s, model FLOP utilisation (MFU) against this chip's *measured* bf16 matmul peak, and peak memory.
 
     python bench/gpu_check.py                          # one GPU, under 10 minutes on an H100/H200
     python bench/gpu_check.py --official /path/to/DiT  # + the official DiT-XL/2 step (its models.py, needs timm)
     python bench/gpu_check.py --cpu-smoke              # the same code at toy sizes on the CPU (CI keeps it working)
 
 Stages (real size / --cpu-smoke):
-  EQ-VAE fine-tune   SD-VAE, 256 px, batch 10, L1 + LPIPS (VGG16) + KL + adaptive PatchGAN, both optimisers;
-                     again in fp16 with GradScaler (the tiny KL-VAE at 64 px, batch 1)
+  EQ-VAE fine-tune   SD-VAE, 256 px, batch 10, L1 + LPIPS (VGG16) + KL + adaptive PatchGAN, both optimisers: in
+                     fp32 (its default: TF32), bf16 and fp16 + GradScaler (the tiny KL-VAE at 64 px, batch 1;
+                     fp32 and fp16)
   DiT-XL/2           batch 32 of 4 x 32 x 32 latents, AdamW + EMA, eager and torch.compile'd (DiT-T/2, batch 4)
   SiT-XL/2 + REPA    batch 32, DINOv2 ViT-B/14 targets of the 256 px images, clip 1.0 (SiT-T/2 + dinov2_tiny)
   MaskGIT-256        batch 32 of 16 x 16 tokens, 1024 codes (maskgit-tiny)
@@ -93,13 +94,14 @@ def on(device):
 #                                     Stages                                    #
 #################################################################################
 
-def stage_finetune(cfg, fp16=False):
+def stage_finetune(cfg, precision="fp32"):
     """One EQ-VAE optimiser step as finetune_eqvae.main takes it (one micro-batch): tau, eqvae_losses with LPIPS and
-    the adaptive GAN weight, the generator backward, the PatchGAN hinge loss and backward, both Adam steps. fp16:
-    --precision fp16's step, with one GradScaler for both optimisers and the adaptive weight at its scale."""
+    the adaptive GAN weight, the generator backward, the PatchGAN hinge loss and backward, both Adam steps; in fp32
+    (the fine-tune's default, TF32 matmuls, as the official run), bf16, or fp16 with one GradScaler for both
+    optimisers and the adaptive weight at its scale."""
     device, smoke = cfg.device, cfg.smoke
     res, batch = (64, 1) if smoke else (256, 10)
-    precision = "fp16" if fp16 else cfg.precision
+    fp16 = precision == "fp16"
     torch.manual_seed(0)
     with on(device):
         vae = models.KLVAE_models["tiny" if smoke else "sd-vae"]().train()
@@ -139,7 +141,7 @@ def stage_finetune(cfg, fp16=False):
     note = f"d_weight {float(out['d_weight']):.3g}, loss scale {scaler.get_scale():g}" if fp16 else ""
     if not all(torch.isfinite(out[k]).all() for k in ("loss", "d_weight")):
         raise RuntimeError(f"non-finite loss or adaptive weight ({note})")
-    return dict(name="EQ-VAE fine-tune" + (" fp16" if fp16 else ""), images=batch, sec=sec, flops=flops, peak=peak,
+    return dict(name=f"EQ-VAE fine-tune {precision}", images=batch, sec=sec, flops=flops, peak=peak,
                 config=f"{'tiny KL' if smoke else 'SD-VAE'} {res}px b{batch} +LPIPS +GAN", note=note)
 
 
@@ -381,9 +383,12 @@ def main():
     print(f"# gpu_check: {name}, torch {torch.__version__}, {'toy sizes (--cpu-smoke)' if smoke else 'real sizes'}")
     print(f"measured {'bf16' if not smoke else 'fp32'} matmul peak: {peak / 1e12:.2f} TFLOP/s (MFU is against it"
           f"{'; on the CPU at toy sizes only a sign of life' if smoke else ''})\n")
-    stages = [("finetune", stage_finetune), ("finetune-fp16", lambda c: stage_finetune(c, fp16=True)),
-              ("dit", stage_dit), ("dit-compiled", lambda c: stage_dit(c, compiled=True)),
-              ("repa", stage_repa), ("maskgit", stage_maskgit), ("sample", stage_sample), ("fid", stage_fid)]
+    stages = [("finetune", stage_finetune)]
+    if not smoke:  # bf16 convolutions on a CPU are emulated: too slow for the smoke run
+        stages.append(("finetune-bf16", lambda c: stage_finetune(c, "bf16")))
+    stages += [("finetune-fp16", lambda c: stage_finetune(c, "fp16")),
+               ("dit", stage_dit), ("dit-compiled", lambda c: stage_dit(c, compiled=True)),
+               ("repa", stage_repa), ("maskgit", stage_maskgit), ("sample", stage_sample), ("fid", stage_fid)]
     if args.official:
         stages.insert(3, ("dit-official", lambda c: stage_dit(c, official_path=args.official)))
     if not smoke:
