@@ -390,7 +390,8 @@ def main():
                ("dit", stage_dit), ("dit-compiled", lambda c: stage_dit(c, compiled=True)),
                ("repa", stage_repa), ("maskgit", stage_maskgit), ("sample", stage_sample), ("fid", stage_fid)]
     if args.official:
-        stages.insert(3, ("dit-official", lambda c: stage_dit(c, official_path=args.official)))
+        at = [k for k, _ in stages].index("dit-compiled") + 1
+        stages.insert(at, ("dit-official", lambda c: stage_dit(c, official_path=args.official)))
     if not smoke:
         stages.append(("syncs", stage_syncs))
     if args.only:
