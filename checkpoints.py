@@ -106,6 +106,18 @@ class _PickleStub:
         pass
 
 
+def _stub_named(full_name):
+    """A _PickleStub subclass that the safe unpickler finds under `full_name` ("module.Class"): it keys allow-listed
+    classes by f"{__module__}.{__qualname__}" (torch 2.5; __name__ in older ones), so a class carrying the refused
+    name stands in for it. (The (class, "full.name") tuple form of safe_globals is newer than torch 2.5.)"""
+    module, _, name = full_name.rpartition(".")
+    return type(name, (_PickleStub,), {"__module__": module, "__qualname__": name})
+
+
+def _full_name(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def torch_load(path):
     """torch.load with weights_only=True, tolerating the Python objects that LDM's Lightning checkpoints pickle:
     instead of unpickling arbitrary code (which would also need Lightning installed) each class the safe
@@ -113,13 +125,15 @@ def torch_load(path):
     stubs = []
     while True:
         try:
+            # torch >= 2.5: the safe_globals context manager, and allow-listed classes may be rebuilt (NEWOBJ/BUILD),
+            # which pickled Lightning callbacks need; requirements.txt asks for it.
             with torch.serialization.safe_globals(stubs):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             m = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if m is None or len(stubs) >= 64 or any(name == m.group(1) for _, name in stubs):
+            if m is None or len(stubs) >= 64 or any(_full_name(s) == m.group(1) for s in stubs):
                 raise ValueError(f"{path!r}: cannot read this checkpoint safely ({e})") from None
-            stubs.append((_PickleStub, m.group(1)))
+            stubs.append(_stub_named(m.group(1)))
         except (RuntimeError, EOFError) as e:  # truncated zip, not a torch file at all
             raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({e})") from None
 

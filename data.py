@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import socket
 import warnings
 import zipfile
 
@@ -799,11 +800,23 @@ def dataset_fingerprint(dataset):
     return h.hexdigest()[:16]
 
 
+def _tmp_name(path):
+    # host and process: unique even when nodes share the folder (a process id repeats across machines)
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
 def _atomic_save_npy(path, array):
     """np.save to a temporary file in the same folder, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path, obj):
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -846,41 +859,73 @@ def build_encoded_cache(encode_pair, dataset, cache_dir, meta, checked, rank=0, 
     _cache_barrier()  # everyone has read (and checked) the old meta before rank 0 may write it
     os.makedirs(cache_dir, exist_ok=True)
     if rank == 0 and found is None:
-        tmp = f"{meta_path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, meta_path)
+        _atomic_write_json(meta_path, meta)
     _cache_barrier()
 
     num_shards = -(-n // shard_size)
+    shard_path = lambda k: os.path.join(cache_dir, f"shard_{k:05d}.npy")
     mine = [k for k in range(num_shards) if k % world_size == rank]
-    todo = [k for k in mine if not os.path.exists(os.path.join(cache_dir, f"shard_{k:05d}.npy"))]
+    todo = [k for k in mine if not os.path.exists(shard_path(k))]
     if rank == 0:
         log(f"{what.capitalize()} {cache_dir}: {num_shards} shard(s) of {shard_size} images, "
             f"{len(mine) - len(todo)} of rank 0's {len(mine)} already done")
-    # One loader over all of this rank's unfinished shards, in order, its batches never crossing a shard's end.
-    batches = {k: [list(range(i, min(i + batch_size, (k + 1) * shard_size, n)))
-                   for i in range(k * shard_size, min((k + 1) * shard_size, n), batch_size)] for k in todo}
-    batch_iter = iter(torch.utils.data.DataLoader(dataset, batch_sampler=[b for k in todo for b in batches[k]],
-                                                  num_workers=num_workers if todo else 0,
-                                                  pin_memory=device.type == "cuda"))
-    for done, k in enumerate(todo):
-        entries, labels = [], []
-        for _ in batches[k]:
-            x, y = next(batch_iter)                                               # (B, 3, R, R), (B,)
-            labels += [int(lab) for lab in y]
-            entry = encode_pair(x.to(device, non_blocking=True)).cpu().numpy()    # (B, 2, ...)
-            entries.append(entry.astype(dtype))
-            if dtype.kind == "f" and not np.isfinite(entries[-1]).all():
-                raise ValueError(f"{what}: an encoding in shard {k} does not fit {dtype.name} (largest magnitude "
-                                 f"{np.abs(entry).max():.3g})")
-        _atomic_save_npy(os.path.join(cache_dir, f"labels_{k:05d}.npy"), np.asarray(labels, dtype=np.int64))
-        _atomic_save_npy(os.path.join(cache_dir, f"shard_{k:05d}.npy"), np.concatenate(entries))
-        if rank == 0:
-            log(f"  {what}: shard {k + 1}/{num_shards} written (rank 0: {done + 1}/{len(todo)})")
-    del batch_iter   # stops the workers
+
+    def encode_shards(todo):
+        # One loader over the given unfinished shards, in order, its batches never crossing a shard's end.
+        batches = {k: [list(range(i, min(i + batch_size, (k + 1) * shard_size, n)))
+                       for i in range(k * shard_size, min((k + 1) * shard_size, n), batch_size)] for k in todo}
+        batch_iter = iter(torch.utils.data.DataLoader(dataset, batch_sampler=[b for k in todo for b in batches[k]],
+                                                      num_workers=num_workers if todo else 0,
+                                                      pin_memory=device.type == "cuda"))
+        for done, k in enumerate(todo):
+            entries, labels = [], []
+            for _ in batches[k]:
+                x, y = next(batch_iter)                                               # (B, 3, R, R), (B,)
+                labels += [int(lab) for lab in y]
+                entry = encode_pair(x.to(device, non_blocking=True)).cpu().numpy()    # (B, 2, ...)
+                entries.append(entry.astype(dtype))
+                if dtype.kind == "f" and not np.isfinite(entries[-1]).all():
+                    raise ValueError(f"{what}: an encoding in shard {k} does not fit {dtype.name} (largest magnitude "
+                                     f"{np.abs(entry).max():.3g})")
+            _atomic_save_npy(os.path.join(cache_dir, f"labels_{k:05d}.npy"), np.asarray(labels, dtype=np.int64))
+            _atomic_save_npy(shard_path(k), np.concatenate(entries))
+            if rank == 0:
+                log(f"  {what}: shard {k + 1}/{num_shards} written (rank 0: {done + 1}/{len(todo)})")
+        del batch_iter   # stops the workers
+
+    encode_shards(todo)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return meta  # one process (or ranks run one after the other by hand): nothing else is building shards
     _cache_barrier()
+    # Every rank reads every shard. On a folder all nodes share, they are all here now. On a node's local disk
+    # (--cache-latents /local/...) a node sees only its own ranks' shards, and meta.json only on rank 0's node:
+    # each node then completes its own copy, the shards missing here split over this node's processes (torchrun's
+    # LOCAL_RANK of LOCAL_WORLD_SIZE). Collective: every rank takes part, with nothing to do on a shared folder.
+    local_rank, local_world = node_local_rank(rank, world_size)
+    missing = [k for k in range(num_shards) if not os.path.exists(shard_path(k))]
+    if missing and local_rank == 0:
+        log(f"{what.capitalize()} {cache_dir}: {len(missing)} of {num_shards} shard(s) built on other nodes are "
+            f"not visible here (a node-local folder): this node's {local_world} process(es) build them too")
+    if local_rank == 0 and not os.path.exists(meta_path):
+        _atomic_write_json(meta_path, meta)
+    encode_shards([k for i, k in enumerate(missing) if i % local_world == local_rank])
+    _cache_barrier()
+    still = [k for k in range(num_shards) if not os.path.exists(shard_path(k))]
+    if still or not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{what} {cache_dir}: after every rank finished, rank {rank} (local rank "
+                                f"{local_rank} of {local_world}) still misses {len(still)} of {num_shards} shard(s) "
+                                f"(first: {still[:3]}){'' if os.path.exists(meta_path) else ' and meta.json'}: the "
+                                f"processes of one node must share one folder (LOCAL_RANK / LOCAL_WORLD_SIZE as "
+                                f"torchrun sets them), on a shared filesystem or a disk of that node")
     return meta
+
+
+def node_local_rank(rank=0, world_size=1):
+    """(this process's rank on its node, processes on its node): torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE, or a
+    single node when they are not set."""
+    if "LOCAL_RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    return rank, world_size
 
 
 @torch.no_grad()

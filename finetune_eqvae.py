@@ -165,17 +165,16 @@ LOGVAR = 0.0
 MIN_DISC_SIDE = 24  # smallest input of the 3-layer PatchGAN (H / 8 - 2 >= 1 logits)
 
 
-def adaptive_weight(nll, g_loss, last_layer):
-    """LDM/taming: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], constant."""
+def adaptive_weight(nll, g_loss, last_layer, grad_scale=None):
+    """LDM/taming: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], constant;
+    under fp16, differentiated at the GradScaler's scale and unscaled in fp32 (models.adaptive_weight)."""
     # torch.autograd.grad only returns these gradients: it does not fire DDP's gradient hooks (those run on the
     # .backward() of the total loss), so under DDP each rank uses its local gradients, as the official Lightning run.
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return models.adaptive_weight(nll, g_loss, last_layer, grad_scale)
 
 
 def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptual_weight=1.0, kl_weight=1e-6,
-                 disc_weight=0.5, sample_noise=None, latent_weight=0.0):
+                 disc_weight=0.5, sample_noise=None, latent_weight=0.0, grad_scale=None):
     """
     The EQ-VAE training objective for one batch, autoencoder side (Eq. 5 inside LDM's LPIPSWithDiscriminator):
         rec  = |tau x - D(tau E(x))| + perceptual_weight * LPIPS(tau x, D(tau E(x)))    (tau = identity when not "eq")
@@ -183,8 +182,8 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
         loss = nll + kl_weight * kl + adaptive_weight * disc_weight * (-mean D(x_hat))
     model: TauAutoencoder (maybe in DDP); x: (B, 3, H, W) in [-1, 1]; tau: from sample_tau; lpips: (x, y) -> (B,)
     or None; disc: the (unwrapped) PatchGAN, or None before --disc-start / with --disc-weight 0; last_layer: the
-    decoder's conv_out.weight. Returns a dict: "loss" (to minimise), detached parts, and "nll_loss" (with its graph),
-    "target", "x_hat".
+    decoder's conv_out.weight; grad_scale: the GradScaler's scale, a tensor (fp16: see models.adaptive_weight).
+    Returns a dict: "loss" (to minimise), detached parts, and "nll_loss" (with its graph), "target", "x_hat".
     A VQ-GAN takes taming's loss instead (models.vq_generator_loss): means rather than sums, plus the codebook loss.
     latent_weight > 0 adds the explicit latent loss of App. A.1 (the paper's ablation, weight 0.1), summed as nll:
         latent = sum(||tau E(x) - E(tau x)||^2) / B     in the equivariance branch,
@@ -203,7 +202,7 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
         disc_fn = (lambda y: disc(disc_input(y))) if disc is not None else (lambda y: y.new_zeros(()))
         loss, parts = models.vq_generator_loss(target, x_hat, aux, lpips_fn, disc_fn, last_layer,
                                                disc_factor=float(disc is not None), perceptual_weight=perceptual_weight,
-                                               disc_weight=disc_weight)
+                                               disc_weight=disc_weight, grad_scale=grad_scale)
         parts["g"] = parts.pop("g_loss")
         return {"loss": loss + latent_weight * latent, **parts, "latent": latent.detach(), "target": target,
                 "x_hat": x_hat}
@@ -219,7 +218,7 @@ def eqvae_losses(model, x, tau, lpips=None, disc=None, last_layer=None, perceptu
     g_loss, d_weight = zero, zero
     if disc is not None:
         g_loss = -disc(disc_input(x_hat)).float().mean()
-        d_weight = adaptive_weight(nll, g_loss, last_layer) * disc_weight
+        d_weight = adaptive_weight(nll, g_loss, last_layer, grad_scale) * disc_weight
         loss = loss + d_weight * g_loss                                        # disc_factor 1 from --disc-start on
     parts = {"nll": nll.detach(), "rec": (target - x_hat).abs().mean().detach(), "lpips": p_loss.mean().detach(),
              "kl": kl.detach(), "g": g_loss.detach(), "d_weight": d_weight, "latent": latent.detach()}
@@ -268,14 +267,14 @@ def vf_losses(proj_z, features, cos_margin=VF_COS_MARGIN, distmat_margin=VF_DIST
     return mcos, mdms
 
 
-def vf_loss(proj, encoder, vae, x, nll, weight=0.1, sample_noise=None):
+def vf_loss(proj, encoder, vae, x, nll, weight=0.1, sample_noise=None, grad_scale=None):
     """
     The VF term added to the loss: weight x w_adaptive x (mcos + mdms), with VA-VAE's adaptive weight at the
     encoder's last layer, w_adaptive = clamp(||grad nll|| / (||grad vf|| + 1e-4), 0, 1e8), a constant.
     proj: the trained 1x1 convolution (no bias) from the latent to the features; encoder: frozen DINOv2, fed the
     image resized to 14 px per latent position so its token grid is the latent grid (VA-VAE: 224 px for a 16 x 16
     latent); z: a posterior sample (the VQ-GAN's continuous latent), encoded again here, so eqvae_losses stays as is.
-    Returns (term, detached parts).
+    grad_scale: fp16's loss scale (models.adaptive_weight). Returns (term, detached parts).
     """
     vae = tu.unwrap(vae)
     z = vae.encode(x)
@@ -286,10 +285,7 @@ def vf_loss(proj, encoder, vae, x, nll, weight=0.1, sample_noise=None):
         features = encoder.forward_features(models.dinov2_preprocess(x, size))["x_norm_patchtokens"]
     mcos, mdms = vf_losses(proj(z), features)
     vf = mcos + mdms                                          # distmat_weight = cos_weight = 1
-    layer = vae.encoder.conv_out.weight
-    nll_grad = torch.autograd.grad(nll, layer, retain_graph=True)[0]
-    vf_grad = torch.autograd.grad(vf, layer, retain_graph=True)[0]
-    w = (nll_grad.norm() / (vf_grad.norm() + 1e-4)).clamp(0.0, 1e8).detach() * weight
+    w = models.adaptive_weight(nll, vf, vae.encoder.conv_out.weight, grad_scale, max_weight=1e8) * weight
     return w * vf, {"vf_mcos": mcos.detach(), "vf_mdms": mdms.detach(), "vf_weight": w}
 
 
@@ -302,7 +298,7 @@ def build_vf(args, latent_channels, device, logger):
     return encoder, proj
 
 
-def add_regularizer(args, out, model, x, rng, lpips=None, noise=None, vf=None):
+def add_regularizer(args, out, model, x, rng, lpips=None, noise=None, vf=None, grad_scale=None):
     """eqvae_losses' output with the --regularizer's term added to its loss (scale-eq, vf; eq and none: as is).
     model: the unwrapped TauAutoencoder; vf: (the projection, DDP-wrapped when distributed, and DINOv2). The extra
     passes run outside DDP's forward; its gradient hooks still fire once per parameter, in the one backward."""
@@ -310,7 +306,7 @@ def add_regularizer(args, out, model, x, rng, lpips=None, noise=None, vf=None):
         se = scale_eq_loss(model, x, rng, lpips, args.perceptual_weight, noise)
         return dict(out, loss=out["loss"] + args.reg_weight * se, se=se.detach())
     if args.regularizer == "vf":
-        term, parts = vf_loss(vf[0], vf[1], model.vae, x, out["nll_loss"], args.reg_weight, noise)
+        term, parts = vf_loss(vf[0], vf[1], model.vae, x, out["nll_loss"], args.reg_weight, noise, grad_scale)
         return dict(out, loss=out["loss"] + term, **parts)
     return out
 
@@ -466,14 +462,31 @@ def build_loss_networks(args, device):
     return disc, lpips
 
 
-def compile_models(vae, disc):
-    """--compile: in place (state-dict keys unchanged) and static shapes."""
-    # tau changes the image size from step to step, and inductor's dynamic-shape path failed on these convolutions
-    # (torch 2.14, CPU). Each new size compiles once, up to torch._dynamo's recompile limit; sizes past it run
-    # eager. The full-size path (37.5%) is compiled.
-    vae.encoder.compile(dynamic=False)
-    vae.decoder.compile(dynamic=False)
-    disc.compile(dynamic=False)
+def compile_models(vae):
+    """
+    --compile, in place (state-dict keys unchanged): the autoencoder's residual blocks and resamplers one by one.
+    What the adaptive GAN weight differentiates stays eager: it takes torch.autograd.grad (retaining the graph) of
+    the reconstruction and GAN losses at conv_out's weight, which inside a compiled decoder would run the whole
+    decoder's compiled backward (4.4 s instead of 0.32 s for --preset tiny's autoencoder on CPU); through the
+    eager norm_out / conv_out, discriminator and LPIPS it reaches back only through the loss and that one
+    convolution (0.32 s with the blocks compiled; a compiled discriminator's backward also refuses retain_graph).
+    The attention blocks stay eager too: they run at the lowest resolution through the fused attention kernel
+    already, and inductor's dynamic-shape path fails on them (torch 2.14, CPU).
+    """
+    # tau changes the spatial size from micro-batch to micro-batch: 25 latent sides at 256 px, and the images and
+    # feature maps that go with them. Sizes are left to torch.compile's automatic dynamic shapes (static at first, a
+    # dimension that changes is recompiled dynamic) where the backend keeps them symbolic; where it specialises them
+    # (inductor's CPU convolutions, torch 2.14) each size compiles once. The blocks share one forward code object per
+    # class, whose cache then holds an entry per channel width x size (hundreds for SD-VAE): past torch._dynamo's
+    # default limits (8 per code object, 256 in all) it would silently run eager, so they are raised to hold them all.
+    config = torch._dynamo.config
+    for names, limit in ((("recompile_limit", "cache_size_limit"), 512),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 4096)):
+        name = next(n for n in names if hasattr(config, n))  # the names of torch >= 2.7, else the older ones
+        setattr(config, name, max(getattr(config, name), limit))
+    for module in vae.modules():
+        if isinstance(module, (models.ResnetBlock, models.Downsample, models.Upsample)):
+            module.compile()
 
 
 def shared_noise(seed, step, micro, grad_accum, rank, world, device):
@@ -617,11 +630,13 @@ def main(args):
     lr = args.lr if args.lr is not None else args.base_lr * args.grad_accum * args.global_batch_size
     logger.info(f"Learning rate {lr:.3g} = base {args.base_lr:g} x accumulation {args.grad_accum} x {world} GPU(s) x "
                 f"{batch} per GPU" if args.lr is None else f"Learning rate {lr:.3g} (set with --lr)")
-    opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    # fused on CUDA (tu.adam_kwargs): one kernel per update; the plain optimiser on CPU.
+    opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
     # VA-VAE trains its projection in the autoencoder's Adam; its own Adam with the same settings is the same update
     # (Adam is per parameter) and leaves opt_ae's state loadable from the init file.
-    opt_vf = torch.optim.Adam(vf_proj.parameters(), lr=lr, betas=(0.5, 0.9)) if vf_proj is not None else None
+    opt_vf = torch.optim.Adam(vf_proj.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device)) \
+        if vf_proj is not None else None
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
 
     # The official starting state: zelaki/eqvae passes kl-f8's model.ckpt to --resume, so Lightning restores its
@@ -644,7 +659,7 @@ def main(args):
 
     # Prepare models for training:
     if args.compile:
-        compile_models(vae, disc)
+        compile_models(vae)
     model = TauAutoencoder(vae, args.interp)
     ddp_model, ddp_disc = tu.distributed(model, device), tu.distributed(disc, device)
     ddp_vf = tu.distributed(vf_proj, device) if vf_proj is not None else None
@@ -662,7 +677,7 @@ def main(args):
                                     disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
                                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                                     loader=loader.state_dict(), config=dict(vae.config), args=vars(args),
-                                    skipped_steps=skipped, vf_proj=vf_proj.state_dict() if vf_proj else None,
+                                    skipped_steps=int(skipped), vf_proj=vf_proj.state_dict() if vf_proj else None,
                                     opt_vf=opt_vf.state_dict() if opt_vf else None)
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
@@ -685,6 +700,7 @@ def main(args):
              "logits_fake", "eq_share"] + (["latent"] if args.latent_loss_weight > 0 else []) + \
         {"scale-eq": ["se"], "vf": ["vf_mcos", "vf_mdms", "vf_weight"]}.get(args.regularizer, [])
     meter = tu.TrainingMeter(names, exp, max_steps, step, args.grad_accum * args.global_batch_size, device)
+    one = torch.ones((), device=device)  # scaler.scale(one): GradScaler's scale as a tensor (fp16), read without a sync
     while step < max_steps:
         gan = args.disc_weight > 0 and step >= args.disc_start  # LDM's disc_factor: 0 before --disc-start
         parts = {n: 0.0 for n in names}
@@ -700,6 +716,7 @@ def main(args):
             sync = micro == args.grad_accum - 1  # all-reduce gradients only on the last micro-batch
             noise = shared_noise(args.global_seed, step, micro, args.grad_accum, rank, world, device) \
                 if args.shared_noise else None
+            grad_scale = scaler.scale(one) / args.grad_accum if scaler.is_enabled() else None  # fp16 adaptive weights
             # Autoencoder update. One forward serves both updates: Lightning runs training_step twice per batch
             # (generator, then discriminator), each with a fresh tau and forward: the same distribution, twice the cost.
             with tu.no_sync(ddp_model, ddp_vf, sync=sync):
@@ -707,8 +724,8 @@ def main(args):
                 with tu.autocast(precision, device):
                     out = eqvae_losses(ddp_model, x, tau, lpips, disc if gan else None, last_layer,
                                        args.perceptual_weight, args.kl_weight, args.disc_weight, noise,
-                                       args.latent_loss_weight)
-                    out = add_regularizer(args, out, model, x, rng, lpips, noise, (ddp_vf, vf_encoder))
+                                       args.latent_loss_weight, grad_scale=grad_scale)
+                    out = add_regularizer(args, out, model, x, rng, lpips, noise, (ddp_vf, vf_encoder), grad_scale)
                 scaler.scale(out["loss"] / args.grad_accum).backward()  # the micro-batch mean, as Lightning accumulates
                 tu.requires_grad(disc, True)
             # Discriminator update, on the (transformed) real image and the detached reconstruction:
@@ -723,17 +740,17 @@ def main(args):
                 v = {**out, **d, "eq_share": float(tau.branch == "eq")}[n]
                 parts[n] = parts[n] + (v.detach().float() if torch.is_tensor(v) else v) / args.grad_accum
 
-        # Stop on a non-finite loss before the optimiser step, so no broken state is ever applied or saved:
+        # Record a non-finite loss (read at log steps and before every save, so no broken state is ever saved):
         tu.check_finite(step + 1, **{n: parts[n] for n in names if torch.is_tensor(parts[n])})
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scale_before = scaler.scale(one) if scaler.is_enabled() else None  # a tensor: no wait for the GPU
         scaler.step(opt_ae)
         if opt_vf is not None:
             scaler.step(opt_vf)
         if gan:
             scaler.step(opt_disc)  # one scaler, two optimisers: step each, then a single update (torch AMP recipe)
         scaler.update()
-        if scale_before is not None and scaler.get_scale() < scale_before:
-            skipped += 1  # fp16 overflow: GradScaler skipped this step and lowered its scale (normal, not fatal)
+        if scale_before is not None:  # fp16 overflow: GradScaler skipped the step and lowered its scale (not fatal)
+            skipped = skipped + (scaler.scale(one) < scale_before).long()  # counted on the device
         opt_ae.zero_grad(set_to_none=True)
         opt_disc.zero_grad(set_to_none=True)
         if opt_vf is not None:
@@ -745,7 +762,7 @@ def main(args):
         # Log loss values (averaged over steps and processes):
         meter.update(**parts)
         if step % args.log_every == 0 or step == max_steps:
-            meter.log(step, skipped_steps=skipped)
+            meter.log(step, skipped_steps=int(skipped))
 
         # Preview and equivariance error on the held-out batch (rank 0; the others continue to the next collective):
         if dist.is_main and (step % args.preview_every == 0 or step == max_steps):

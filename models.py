@@ -25,6 +25,20 @@ import torch.nn.functional as F
 import data  # to_uint8: the one uint8 convention, clamp(127.5 x + 128)
 
 
+_CONSTANTS = {}  # (values, device, dtype) -> tensor
+
+
+def device_constant(values, device, dtype=torch.float32):
+    """A small constant (per-channel means, stds) as a tensor on `device`, copied there once: a fresh torch.tensor per
+    call is a blocking host-to-device copy in every training step. Made outside inference mode, so a constant first
+    built while sampling can still take part in autograd later."""
+    key = (tuple(values), str(device), dtype)
+    if key not in _CONSTANTS:
+        with torch.inference_mode(False):
+            _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
 #################################################################################
 #                  KL Autoencoder (SD-VAE): Building Blocks                     #
 #################################################################################
@@ -316,8 +330,8 @@ class KLVAE(nn.Module):
         c = self.config
         if c["latents_mean"] is None:
             return c["shift_factor"], c["scaling_factor"]
-        mean = torch.tensor(c["latents_mean"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-        std = torch.tensor(c["latents_std"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        mean = device_constant(c["latents_mean"], z.device, z.dtype).view(1, -1, 1, 1)
+        std = device_constant(c["latents_std"], z.device, z.dtype).view(1, -1, 1, 1)
         return mean, c["scaling_factor"] / std
 
     def scale_latents(self, z):
@@ -642,13 +656,32 @@ VQGAN_models = {
 #                  VQ-GAN Fine-tuning Loss (taming VQLPIPSWithDiscriminator)    #
 #################################################################################
 
+def adaptive_weight(nll, g_loss, last_layer, grad_scale=None, max_weight=1e4):
+    """
+    LDM's and taming's adaptive GAN weight: ||grad nll|| / (||grad g_loss|| + 1e-4) at the decoder's last layer,
+    clamped to [0, max_weight] (1e4; VA-VAE's VF weight: 1e8), treated as a constant (calculate_adaptive_weight).
+    grad_scale: the GradScaler's current scale as a tensor (fp16; None or 1 otherwise). Under fp16 autocast the
+    backward through the decoder's last convolution (and LPIPS, the PatchGAN) runs in fp16 like the training
+    backward, so the two losses are scaled as GradScaler scales the training loss before differentiating, and the
+    gradient norms unscaled in fp32: unscaled, the VQ loss's per-pixel gradient (a mean over 10 x 3 x 256 x 256
+    values, ~5e-7) is fp16-subnormal, and the GAN term's can vanish. Where even the scaled gradients overflow, the
+    training backward does too and GradScaler skips the step; the weight is 0 then, keeping the loss finite.
+    """
+    s = 1.0 if grad_scale is None else grad_scale
+    nll_grad = torch.autograd.grad(nll * s, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * s, last_layer, retain_graph=True)[0]
+    ratio = (nll_grad.float().norm() / s) / (g_grad.float().norm() / s + 1e-4)
+    return torch.nan_to_num(ratio, nan=0.0, posinf=0.0).clamp(0.0, max_weight).detach()
+
+
 def vq_generator_loss(x, x_hat, codebook_loss, lpips, discriminator, last_layer, disc_factor=1.0,
-                      perceptual_weight=1.0, codebook_weight=1.0, disc_weight=0.8):
+                      perceptual_weight=1.0, codebook_weight=1.0, disc_weight=0.8, grad_scale=None):
     """Autoencoder loss of the VQ branch, taming's VQLPIPSWithDiscriminator (optimizer_idx 0) as in
     configs/imagenet_vqgan.yaml: codebook_weight 1.0, disc_weight 0.8, perceptual_weight 1.0, hinge GAN.
     x, x_hat: (B, 3, H, W) target (tau-transformed in the equivariance branch) and reconstruction in [-1, 1];
     codebook_loss: () from VQGAN.quantize; lpips: callable (x, y) -> (B,); discriminator: PatchGAN;
-    last_layer: VQGAN.get_last_layer(); disc_factor: 0 before the GAN starts. Returns (loss, dict of parts).
+    last_layer: VQGAN.get_last_layer(); disc_factor: 0 before the GAN starts; grad_scale: fp16's loss scale (see
+    adaptive_weight). Returns (loss, dict of parts).
     The discriminator's own update is the hinge loss shared with the KL branch."""
     # Unlike the KL loss (summed over pixels, divided by B), taming averages: mean over every element of
     # |x - x_hat| + LPIPS, with LPIPS (B,) broadcast over the pixels of its image.
@@ -657,11 +690,8 @@ def vq_generator_loss(x, x_hat, codebook_loss, lpips, discriminator, last_layer,
     nll = rec.mean()
     g_loss = -discriminator(x_hat).mean()
     if disc_factor > 0 and torch.is_grad_enabled() and g_loss.requires_grad:
-        # Adaptive weight: balance the GAN gradient against the reconstruction gradient at the decoder's last
-        # layer, ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4], treated as a constant.
-        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+        # Adaptive weight: balance the GAN gradient against the reconstruction gradient at the decoder's last layer.
+        d_weight = adaptive_weight(nll, g_loss, last_layer, grad_scale) * disc_weight
     else:
         d_weight = torch.zeros((), device=x.device)  # taming: 0 when no gradient can be taken (eval)
     loss = nll + d_weight * disc_factor * g_loss + codebook_weight * codebook_loss.mean()
@@ -1250,15 +1280,25 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         # Fixed "large" variance when sigma is not learned: beta_t, with beta~_1 at t = 0 for a better decoder NLL.
         self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self.log_betas = np.log(betas)
+        self._tables = {}  # (name, device, dtype) -> the table as a tensor on that device
 
-    @staticmethod
-    def _extract(arr, t, x):
-        """arr[t] for a batch of indices t (N,), as float32 shaped (N, 1, 1, 1) to broadcast against x."""
-        return torch.from_numpy(arr).to(t.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
+    def _table(self, name, device, dtype=torch.float64):
+        """The numpy table self.<name> as a tensor on `device`, copied there once: a copy per use would be a
+        blocking host-to-device transfer (16 per DiT training step)."""
+        key = (name, str(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = torch.as_tensor(getattr(self, name), dtype=dtype).to(device)
+        return self._tables[key]
+
+    def _extract(self, name, t, x):
+        """self.<name>[t] for a batch of indices t (N,), as float32 shaped (N, 1, 1, 1) to broadcast against x.
+        Gathered from the float64 table, then cast, as the reference (_extract_into_tensor) does."""
+        return self._table(name, t.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
 
     def _model(self, model, x, t, model_kwargs):
         """Call the model at the original timesteps that the (possibly respaced) indices t stand for."""
-        ts = torch.from_numpy(self.timestep_map).to(device=t.device, dtype=t.dtype)[t]
+        ts = self._table("timestep_map", t.device, t.dtype)[t]
         out = model(x, ts, **(model_kwargs or {}))
         return out[0] if isinstance(out, tuple) else out  # REPA returns (output, projections)
 
@@ -1267,24 +1307,24 @@ class GaussianDiffusion:
         """Draw x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. t = 0 is one step of noise."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """q(x_{t-1} | x_t, x_0): (mean, variance, clipped log variance)."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, self._extract(self.posterior_variance, t, x_t), \
-            self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        return mean, self._extract("posterior_variance", t, x_t), \
+            self._extract("posterior_log_variance_clipped", t, x_t)
 
     # ---- reverse process ----
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t \
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t \
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) \
-            / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) \
+            / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def p_mean_variance(self, model_output, x, t, clip_denoised=False):
         """
@@ -1296,13 +1336,13 @@ class GaussianDiffusion:
         if self.learn_sigma:
             assert model_output.shape[1] == 2 * C, f"learn_sigma needs {2 * C} output channels"
             eps, var_values = torch.split(model_output, C, dim=1)
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-            max_log = self._extract(np.log(self.betas), t, x)
+            min_log = self._extract("posterior_log_variance_clipped", t, x)
+            max_log = self._extract("log_betas", t, x)
             frac = (var_values + 1) / 2  # [-1, 1] -> [beta~_t, beta_t] in log space (IDDPM Eq. 15)
             model_log_variance = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output[:, :C]
-            model_log_variance = self._extract(self.fixed_log_variance, t, x).expand_as(x)
+            model_log_variance = self._extract("fixed_log_variance", t, x).expand_as(x)
         pred_xstart = self._predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -1322,8 +1362,8 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2021, Eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
         out = self.p_mean_variance(self._model(model, x, t, model_kwargs), x, t, clip_denoised)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._extract("alphas_cumprod", t, x)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
@@ -1343,7 +1383,7 @@ class GaussianDiffusion:
             from tqdm.auto import tqdm
             indices = tqdm(indices)
         for i in indices:
-            t = torch.tensor([i] * shape[0], device=img.device)
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)  # made on the device: no copy
             if ddim:
                 out = self.ddim_sample(model, img, t, clip_denoised, model_kwargs, generator, eta)
             else:
@@ -2025,8 +2065,8 @@ def dinov2_preprocess(x, resolution=None):
     resolution = resolution or (x.shape[-1] // 16) * 14
     size = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
     x = (x + 1) / 2
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = device_constant(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
+    std = device_constant(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
     return F.interpolate(x, size=size, mode="bicubic")  # as REPA: normalise, then resize
 

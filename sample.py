@@ -343,7 +343,11 @@ def main(args):
 
     # Gather the shards into one .npz with exactly num_samples images, and a grid of the first ones:
     if dist.is_main:
-        assert all(shard_done(out_dir, b, batch_count(args, b), recipe) for b in range(n_batches))
+        missing = [b for b in range(n_batches) if not shard_done(out_dir, b, batch_count(args, b), recipe)]
+        if missing:  # every rank wrote its batches: a folder rank 0 cannot see them in is not shared by all nodes
+            raise FileNotFoundError(f"{out_dir}: {len(missing)} of {n_batches} sample batches that other ranks wrote "
+                                    f"are not visible to rank 0 (first: {missing[:3]}); with several nodes, "
+                                    f"--sample-dir must be a folder every node shares")
         shards = [np.load(os.path.join(out_dir, f"{b:06d}.npz")) for b in range(n_batches)]
         images = np.concatenate([s["arr_0"] for s in shards])[: args.num_samples]
         labels = np.concatenate([s["arr_1"] for s in shards])[: args.num_samples]

@@ -71,7 +71,8 @@ def main(args):
     logger.info(f"{args.model} parameters: {tu.count_params(model):,}")
 
     # Setup optimizer (DiT: default Adam betas (0.9, 0.999), constant learning rate 1e-4, no weight decay):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            **tu.adam_kwargs(device))  # fused on CUDA
     scaler = tu.make_scaler(precision, device)
 
     # Setup data: images encoded on the fly, or latents from a cache built once (every rank encodes its shards).
@@ -90,6 +91,10 @@ def main(args):
                                         scaler=scaler)
 
     model = tu.distributed(model, device).train()  # important: .train() enables label dropout for CFG
+    if args.compile:
+        # In place, around DDP (dynamo then splits the graph at DDP's gradient buckets, so all-reduces still overlap
+        # the backward): fuses the residual stream, LayerNorm and adaLN modulate that otherwise run unfused in fp32.
+        model.compile()
 
     meter = tu.TrainingMeter(["loss", "mse", "vb"], exp, args.max_steps, train_steps, args.global_batch_size, device)
     logger.info(f"Training from step {train_steps} to {args.max_steps}...")

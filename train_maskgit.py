@@ -102,7 +102,8 @@ def main(args):
     logger.info(f"MaskGIT parameters: {tu.count_params(model):,} ({model.config})")
 
     # Setup optimizer (the reference: AdamW, betas (0.9, 0.96), weight decay 1e-5 on every parameter):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.96), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.96), weight_decay=args.weight_decay,
+                            **tu.adam_kwargs(device))  # fused on CUDA
     scaler = tu.make_scaler(precision, device)
 
     # Resume (model, EMA, optimiser, scaler, step, data position, every rank's RNG); per-rank seeds for the loop:
@@ -113,6 +114,8 @@ def main(args):
     # Prepare models for training:
     ddp_model = tu.distributed(model, device)
     model.train()
+    if args.compile:
+        ddp_model.compile()  # in place, around DDP (graph split at DDP's gradient buckets); state-dict keys unchanged
 
     def save(step_):
         tu.save_generator(exp, step_, args, model, ema, opt, scaler, loader, config=model.config, vqgan=vq_name)
@@ -207,6 +210,8 @@ def get_parser():
     p.add_argument("--epochs", type=int, default=300, help="passes over the tokens (the paper: 300)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (our addition, as DiT's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (in place: checkpoints keep "
+                   "the reference's keys)")
     return p
 
 

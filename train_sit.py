@@ -117,7 +117,8 @@ def main(args):
                   f"{transport.clock} clock")
 
     # Setup optimizer (SiT and REPA: AdamW, betas (0.9, 0.999), constant learning rate 1e-4, no weight decay):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            **tu.adam_kwargs(device))  # fused on CUDA
     scaler = tu.make_scaler(precision, device)
 
     # Setup data: images encoded on the fly, or latents from a cache built once. SiT flips images at random (as
@@ -140,6 +141,10 @@ def main(args):
                                         scaler=scaler)
 
     model = tu.distributed(model, device).train()  # important: .train() enables label dropout for CFG
+    if args.compile:
+        # In place, around DDP (dynamo then splits the graph at DDP's gradient buckets, so all-reduces still overlap
+        # the backward): fuses the residual stream, LayerNorm and adaLN modulate that otherwise run unfused in fp32.
+        model.compile()
 
     meter = tu.TrainingMeter(["loss", "denoise_loss", "proj_loss", "grad_norm"], exp, args.max_steps, train_steps,
                              args.global_batch_size, device)

@@ -4,6 +4,7 @@ DiT training-step throughput (forward + backward + AdamW, DiT's loss): images/s,
     python bench/bench_dit.py                                  # CPU: DiT-S/2 on 32x32x4 latents
     python bench/bench_dit.py --official /path/to/DiT          # + the official models.py (needs timm) on the same run
     python bench/bench_dit.py --model DiT-XL/2 --batch-size 32 # CUDA: bf16 autocast, MFU printed
+    python bench/bench_dit.py --compile                        # + the same model torch.compile'd (train_dit --compile)
 
 Prints figures only; nothing here is a pass/fail test.
 """
@@ -78,6 +79,11 @@ def main(args):
     torch.manual_seed(0)
     ours = models.DiT_models[args.model](input_size=args.input_size).to(device)
     candidates = [("ours", ours)]
+    if args.compile:
+        torch.manual_seed(0)
+        compiled = models.DiT_models[args.model](input_size=args.input_size).to(device)
+        compiled.compile()  # in place, as train_dit.py --compile
+        candidates.append(("compiled", compiled))
     if args.official:
         official, why = load_official(args.official)
         if official is None or args.model not in official.DiT_models:
@@ -113,6 +119,10 @@ def main(args):
     if "official" in results:
         r = median(results["ours"]) / median(results["official"])
         print(f"ours / official step time: {r:.3f} (< 1 is faster)")
+    if "compiled" in results:
+        r = median(results["compiled"]) / median(results["ours"])
+        print(f"compiled / eager step time: {r:.3f} (< 1 is faster; the first {args.warmup} step(s), which compile, "
+              f"are not timed)")
     print(f"training FLOPs per image (matmuls, 3 x forward): {flops / 1e9:.1f} GFLOP")
 
 
@@ -126,4 +136,5 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--official", type=str, default=None, help="folder of facebookresearch/DiT (its models.py)")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--compile", action="store_true", help="also time the model torch.compile'd")
     main(parser.parse_args())

@@ -1,4 +1,5 @@
 """Shared by the tests: run a stage script as a user would, as one process or under torchrun (CPU, gloo)."""
+import json
 import os
 import socket
 import subprocess
@@ -28,3 +29,23 @@ def run_script(args, nproc=1, cwd=ROOT, check=True, timeout=300):
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
+
+
+def run_with_ema_probe(args, tmp_path, nproc=2, **kwargs):
+    """run_script through tests/ema_probe.py; returns the CompletedProcess and, per rank, the probe's record of how
+    far the EMA was from the weights DDP broadcast from rank 0 when it was first updated (0.0: it started there)."""
+    probe = os.path.join(str(tmp_path), "ema-probe")
+    os.makedirs(probe, exist_ok=True)
+    old = os.environ.get("EQVAE_PROBE_DIR")
+    os.environ["EQVAE_PROBE_DIR"] = probe
+    try:
+        out = run_script([os.path.join("tests", "ema_probe.py"), *args], nproc=nproc, **kwargs)
+    finally:
+        os.environ.pop("EQVAE_PROBE_DIR") if old is None else os.environ.__setitem__("EQVAE_PROBE_DIR", old)
+    records = [json.load(open(os.path.join(probe, f"rank{r}.json"))) for r in range(nproc)]
+    return out, records
+
+
+def assert_ema_starts_at_rank0_model(records):
+    """Every rank's EMA began as the model DDP synchronised from rank 0 (all parameters compared, all equal)."""
+    assert all(r["compared"] > 0 and r["max_diff"] == 0.0 for r in records), records

@@ -12,7 +12,7 @@ from scipy.stats import norm
 import data
 import checkpoints
 import models
-from helpers import run_script
+from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -330,10 +330,12 @@ def test_train_loss_decreases_and_resume_is_exact(tmp_path):
 
 
 def test_torchrun_two_processes_with_latent_cache(tmp_path):
-    out = run_script(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--log-every", "2",
-                             "--ckpt-every", "4", "--num-images", "16", "--cache-latents", str(tmp_path / "cache"),
-                             "--cache-shard-size", "4", "--cache-batch-size", "4"], nproc=2)
+    out, ema = run_with_ema_probe(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--log-every", "2",
+                                          "--ckpt-every", "4", "--num-images", "16", "--cache-latents",
+                                          str(tmp_path / "cache"), "--cache-shard-size", "4", "--cache-batch-size",
+                                          "4"], tmp_path)
     assert "world_size=2" in out.stdout
+    assert_ema_starts_at_rank0_model(ema)  # the model is built alike on every rank, EMA before DDP included
     # 4 shards, split over the 2 ranks, all present; the checkpoint holds both ranks' RNG states.
     assert sorted(f for f in os.listdir(tmp_path / "cache") if f.startswith("shard")) == \
         [f"shard_{k:05d}.npy" for k in range(4)]
@@ -355,6 +357,32 @@ def test_nan_loss_stops_without_touching_checkpoints(tmp_path):
     assert ckpts == ["0000001.pt"]
     state = torch.load(tmp_path / "DiT-T-2" / "checkpoints" / ckpts[0], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_compile_gives_the_eager_losses_and_keys(tmp_path, monkeypatch, one_thread):
+    """--compile: the same losses and weights as eager to float tolerance after 2 steps, and checkpoints with the
+    official keys (compiled in place). inductor's own RNG would draw other label-dropout masks than eager torch:
+    fallback_random makes it use torch's, so the two runs are comparable."""
+    import train_dit
+    import train_utils
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    rows, states = {}, {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        args = train_dit.get_args(TINY[1:] + ["--num-images", "16", "--global-batch-size", "4", "--max-steps", "2",
+                                              "--log-every", "1", "--ckpt-every", "2", "--results-dir",
+                                              str(tmp_path / name)] + extra)
+        train_dit.main(args)
+        rows[name] = [json.loads(line) for line in open(tmp_path / name / "DiT-T-2" / "metrics.jsonl")]
+        states[name] = train_utils.load_checkpoint(str(tmp_path / name / "DiT-T-2" / "checkpoints" / "0000002.pt"))
+    torch._dynamo.reset()
+    for a, b in zip(rows["eager"], rows["compiled"]):
+        for key in ("loss", "mse", "vb"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert rows["eager"][1]["loss"] != rows["eager"][0]["loss"]  # step 2 saw an update
+    for part in ("model", "ema"):
+        assert list(states["eager"][part]) == list(states["compiled"][part])  # no _orig_mod. / module. prefixes
+        for k, v in states["eager"][part].items():
+            torch.testing.assert_close(states["compiled"][part][k], v, rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
 
 
 def test_sample_reads_official_and_train_py_checkpoints(tmp_path):

@@ -15,7 +15,7 @@ from scipy.stats import chi2
 import finetune_eqvae as fe
 import checkpoints
 import models
-from helpers import run_script
+from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
 import train_utils as tu
 
 # The smallest useful KL-VAE: f8 (64 px -> 8 x 8 latents; 64 px keeps the smallest low-res target at 16 px, which
@@ -185,6 +185,41 @@ def test_adaptive_weight_matches_formula():
     assert fe.adaptive_weight(nll * 1e9, g * 0, W).item() == 1e4  # clamped to [0, 1e4]
 
 
+def _last_layer_weights(h, target, g_factor, reduce, amp, grad_scale=None):
+    """The adaptive weight at a 1-layer 'decoder' conv(h) with a 1-layer 'PatchGAN', under CPU fp16 autocast."""
+    torch.manual_seed(0)
+    conv, disc = nn.Conv2d(8, 3, 3, padding=1), nn.Conv2d(3, 1, 4, stride=2)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+        x_hat = conv(h)
+        g = -disc(x_hat).float().mean() * g_factor
+    nll = reduce((x_hat.float() - target).abs())
+    return fe.adaptive_weight(nll, g, conv.weight, grad_scale)
+
+
+def test_adaptive_weight_under_fp16_equals_fp32():
+    """fp16: differentiated at the GradScaler's scale and unscaled in fp32, the weight is its fp32 value; unscaled,
+    the VQ loss's per-pixel gradients (a mean over 2 x 3 x 128 x 128 values) are fp16-subnormal and the weight is far
+    off, and the KL loss's last-layer gradient (a sum over 256 x 256 pixels) overflows fp16 at scale 1, which
+    GradScaler answers by lowering its scale (here 1/4). Scaled gradients that still overflow give weight 0 (the
+    step is skipped by GradScaler), never inf or NaN."""
+    torch.manual_seed(1)
+    h, target = torch.randn(2, 8, 128, 128), torch.rand(2, 3, 128, 128) * 2 - 1
+    mean = lambda r: r.mean()                                                  # taming's VQ loss
+    ref = _last_layer_weights(h, target, 1e-3, mean, amp=False)
+    scaled = _last_layer_weights(h, target, 1e-3, mean, amp=True, grad_scale=torch.tensor(2.0 ** 16))
+    unscaled = _last_layer_weights(h, target, 1e-3, mean, amp=True)
+    assert 10 < ref < 1e4                                                     # not clamped
+    assert abs(scaled / ref - 1) < 2e-3 and abs(unscaled / ref - 1) > 0.1
+    assert _last_layer_weights(h, target, 1e-3, mean, amp=True, grad_scale=torch.tensor(2.0 ** 60)) == 0
+
+    h, target = torch.rand(1, 8, 256, 256) + 1.5, torch.full((1, 3, 256, 256), -10.0)
+    total = lambda r: r.sum() / 1                                              # LDM's KL loss: sum / B
+    ref = _last_layer_weights(h, target, 1e3, total, amp=False)
+    scaled = _last_layer_weights(h, target, 1e3, total, amp=True, grad_scale=torch.tensor(0.25))
+    assert 10 < ref < 1e4 and abs(scaled / ref - 1) < 2e-3
+    assert _last_layer_weights(h, target, 1e3, total, amp=True, grad_scale=torch.tensor(1.0)) == 0  # overflow
+
+
 def test_hinge_loss_known_values():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
     expected = 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)
@@ -256,9 +291,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 def test_two_gloo_processes_with_gan_and_vq(tmp_path):
     """The full objective under DDP (GAN, adaptive weight via autograd.grad, no_sync micro-steps, --tau-per-rank:
     each rank its own tau, so 16 px targets on one rank and 64 px on another) runs through; and the VQ-GAN path in
-    one process."""
-    run_script(["finetune_eqvae.py", *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob", "0.7",
-                                               "--tau-per-rank")], nproc=2)
+    one process. Every rank's EMA starts from the weights DDP broadcast from rank 0."""
+    _, ema = run_with_ema_probe(["finetune_eqvae.py", *run_args(tmp_path / "gan", "--max-steps", "3", "--eq-prob",
+                                                                "0.7", "--tau-per-rank", "--ema-decay", "0.9")],
+                                tmp_path)
+    assert_ema_starts_at_rank0_model(ema)  # the EMA (--ema-decay) starts from the model all ranks share
     rows = [json.loads(line) for line in open(tmp_path / "gan" / "run" / "metrics.jsonl") if '"loss"' in line]
     assert len(rows) == 3 and all(r["d_weight"] > 0 and r["d"] > 0 for r in rows)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import models
-from helpers import run_script
+from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "maskgit_pytorch_v1_256.json")
@@ -298,8 +298,9 @@ def _args(tmp_path, exp, *extra):
 
 
 def test_torchrun_two_processes(tmp_path):
-    run_script(["train_maskgit.py", *_args(tmp_path, "ddp", "--max-steps", "4", "--ckpt-every", "4")], nproc=2,
-               cwd=tmp_path)
+    _, ema = run_with_ema_probe(["train_maskgit.py", *_args(tmp_path, "ddp", "--max-steps", "4", "--ckpt-every", "4")],
+                                tmp_path, cwd=tmp_path)
+    assert_ema_starts_at_rank0_model(ema)
     run = tmp_path / "results" / "ddp"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [2, 4] and all(math.isfinite(row["loss"]) for row in rows)

@@ -12,7 +12,7 @@ import torch
 
 import checkpoints
 import models
-from helpers import run_script
+from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -363,10 +363,11 @@ TINY = ["train_sit.py", "--preset", "tiny", "--repa", "--num-images", "32", "--g
 
 
 def test_torchrun_two_processes_repa_with_latent_cache(tmp_path):
-    out = run_script(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--num-images", "16",
-                             "--cache-latents", str(tmp_path / "cache"), "--cache-shard-size", "8",
-                             "--cache-batch-size", "8"], nproc=2)
+    out, ema = run_with_ema_probe(TINY + ["--results-dir", str(tmp_path), "--max-steps", "4", "--num-images", "16",
+                                          "--cache-latents", str(tmp_path / "cache"), "--cache-shard-size", "8",
+                                          "--cache-batch-size", "8"], tmp_path)
     assert "world_size=2" in out.stdout and "RANDOM-weight stand-in for DINOv2" in out.stdout
+    assert_ema_starts_at_rank0_model(ema)
     assert "cached latents + their images for DINOv2" in out.stdout
     rows = [json.loads(line) for line in open(tmp_path / "SiT-T-2-REPA" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4]

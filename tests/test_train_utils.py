@@ -176,17 +176,50 @@ def test_rng_states_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_check_finite_names_the_part():
-    tu.check_finite(3, rec=torch.tensor(1.0), kl=torch.tensor(2.0))
-    with pytest.raises(tu.NonFiniteLossError, match=r"step 7: kl"):
-        tu.check_finite(7, rec=torch.tensor(1.0), kl=torch.tensor(float("nan")))
+def test_check_finite_names_the_first_bad_step_and_part(monkeypatch):
+    """check_finite only records (no read from the device); raise_if_nonfinite names the first bad step and the
+    parts bad there, however many steps later it is called, and the next run starts clean."""
+    tu.reset_finite_checks()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        def read(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for step in range(1, 10):
+        kl = torch.tensor(float("nan") if step in (4, 6) else 2.0)
+        rec = torch.tensor(float("inf") if step == 6 else 1.0)
+        tu.check_finite(step, rec=rec, kl=kl, lr=1e-4)
+    assert reads == []
+    monkeypatch.undo()
+    with pytest.raises(tu.NonFiniteLossError, match=r"step 4: kl on rank 0\. .*nothing after step 3 was saved"):
+        tu.raise_if_nonfinite()
+    tu.raise_if_nonfinite()  # the records went with the error
+    tu.check_finite(2, rec=torch.tensor(1.0), lr=float("nan"))
+    with pytest.raises(tu.NonFiniteLossError, match=r"step 2: lr "):
+        tu.raise_if_nonfinite()
+    tu.check_finite(1, rec=torch.tensor(1.0))
+    tu.raise_if_nonfinite()
+    tu.reset_finite_checks()
 
 
 def test_update_ema_formula():
-    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    before = ema.weight.detach().clone()
+    """The foreach update equals DiT's per-parameter loop (mul_(decay).add_(p, alpha=1 - decay)) bit for bit, on
+    every parameter, matched by name (ema built with another parameter order than the model's)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_()
+    before = {n: p.detach().clone() for n, p in ema.named_parameters()}
+    source = dict(model.named_parameters())
+    expected = {n: b.clone().mul_(0.9).add_(source[n].detach(), alpha=0.1) for n, b in before.items()}
     tu.update_ema(ema, model, decay=0.9)
-    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+    for n, p in ema.named_parameters():
+        assert torch.equal(p, expected[n]), n
+        assert torch.allclose(p, 0.9 * before[n] + 0.1 * source[n])  # the formula itself
 
 
 def test_apply_preset_only_fills_defaults():
