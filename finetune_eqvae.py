@@ -531,7 +531,11 @@ def restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger):
     state = checkpoints.init_training_state(args.init, vae, disc)
     logger.info(f"Init state: {state['note']}")
     if state["disc"] is not None:
-        checkpoints.load_state_dict_checked(disc, state["disc"], f"{args.init} (its discriminator)")
+        try:
+            checkpoints.load_state_dict_checked(disc, state["disc"], f"{args.init} (its discriminator)")
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{str(e).rstrip('.')}. Match its width with --disc-ndf, or start a new PatchGAN "
+                             "with --init-state fresh") from None
         logger.info("  discriminator: restored from the init file (not a random PatchGAN)")
     else:
         logger.info("  discriminator: none in the init file, a random PatchGAN")

@@ -771,8 +771,15 @@ def restore_training_state(ckpt, loader=None, **objects):
 def check_resume_args(saved_args, args, keys):
     """Refuse to resume a checkpoint made for another model/config; name the mismatching options."""
     saved = saved_args if isinstance(saved_args, dict) else vars(saved_args)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k)!r}"
-            for k in keys if k in saved and saved[k] != getattr(args, k)]
+
+    def differ(k, a, b):  # a JSON dict of constructor arguments (--config '{...}'): the fields that differ
+        try:
+            a, b = json.loads(a), json.loads(b)
+            return f"{k}: " + ", ".join(f"{f}: checkpoint {a.get(f)!r} vs now {b.get(f)!r}"
+                                        for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
+        except (TypeError, ValueError, AttributeError):
+            return f"{k}: checkpoint {a!r} vs now {b!r}"
+    diff = [differ(k, saved[k], getattr(args, k)) for k in keys if k in saved and saved[k] != getattr(args, k)]
     if diff:
         raise ValueError("Cannot resume: the checkpoint was made with different settings:\n  " + "\n  ".join(diff))
 

@@ -148,7 +148,14 @@ def test_report_tables_hold_the_measured_numbers(tmp_path):
     claim = lambda metric: next(ln for ln in text.splitlines() if ln.startswith("| `kl-eq`") and f"| {metric} |" in ln
                                 and "kl-base" in ln)
     assert "holds (2/2 seeds)" in claim("PSNR") and "mixed (1/2 seeds)" in claim("Eq. err. rot")
-    assert "holds (2/2 checkpoints)" in claim("gFD-probe DiT-T/2")
+    put("curves/dit.json", {"dit-kl-base": rows([9.0, 8.0]), "dit-kl-eq-s0": rows([7.0, 4.25]),
+                            "dit-kl-eq-s1": rows([9.5, 7.0])})  # seed 1 behind at step 10, ahead at step 20
+    demo_eval.write_demo_report(str(d))
+    text = (d / "report.md").read_text()
+    assert "holds (2/2 seeds)" in claim("gFD-probe DiT-T/2") and "ahead at 3/4 checkpoints" in claim("gFD-probe DiT-T/2")
+    put("curves/dit.json", {"dit-kl-base": rows([9.0, 8.0]), "dit-kl-eq-s0": rows([7.0, 4.25])})
+    demo_eval.write_demo_report(str(d))
+    text = (d / "report.md").read_text()
     # Table 2: every checkpoint of the curve.
     t2 = next(ln for ln in text.splitlines() if ln.startswith("| + EQ-VAE | 7.0"))
     assert [c.strip() for c in t2.strip("|").split("|")][1:] == ["7.0", "4.2", "0.500"], t2
@@ -220,7 +227,7 @@ def test_quick_demo_writes_every_table_and_figure(tmp_path):
             for i in (2, 3, 4, 5):
                 float(cells[i])
     # Commands: every step that ran is listed with its command line.
-    assert re.search(r"\| `ae-kl-eq-s0` \| ran \| [0-9.]+ \| `python3 finetune_eqvae\.py --preset tiny", text)
+    assert re.search(r"\| `ae-kl-eq-s0` \| ran \| [0-9.]+ \| `\S*python\S* finetune_eqvae\.py --preset tiny", text)
 
     # A second run reuses every finished step and still writes the report.
     r2 = run_demo(d, "--quick")

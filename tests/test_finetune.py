@@ -327,7 +327,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     other = TINY.replace('"ch": 8', '"ch": 16')
     args = run_args(tmp_path / "resumed", "--max-steps", "6", "--resume", "auto")
     args[args.index(TINY)] = other
-    with pytest.raises(ValueError, match=r"another autoencoder:\s+ch: checkpoint 8 vs now 16"):
+    with pytest.raises(ValueError, match=r"different settings:\s+config: ch: checkpoint 8 vs now 16"):
         fe.main(fe.parse_args(args))
 
 
@@ -364,7 +364,8 @@ def test_bad_input_messages(tmp_path, monkeypatch):
 
 def test_preset_changes_only_untyped_defaults():
     args = fe.parse_args(["--preset", "tiny", "--perceptual-weight", "1", "--max-steps", "7"])
-    assert (args.perceptual_weight, args.max_steps, args.resolution, args.init) == (1.0, 7, 64, "none")
+    assert (args.perceptual_weight, args.max_steps, args.resolution, args.init) == (1.0, 7, 64, checkpoints.TINY_BASE["kl"])
+    assert fe.parse_args(["--preset", "tiny", "--model", "vq"]).init == checkpoints.TINY_BASE["vq"]  # its own base
     args = fe.parse_args(["--data", "/imagenet/train", "--init", "sd-vae-ft-ema/"])  # the paper's settings
     assert (args.eq_prob, args.lowres_prob, args.global_batch_size, args.grad_accum, args.disc_start) == (0.5, 0.25, 80, 2, 0)
     assert args.base_lr * args.grad_accum * args.global_batch_size == pytest.approx(7.2e-4)

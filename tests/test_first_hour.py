@@ -141,7 +141,7 @@ def test_every_evaluate_subcommand_runs_offline_with_preset_tiny(tmp_path, monke
 
 def test_upstream_spellings_parse_to_the_same_arguments():
     """DiT's / SiT's / REPA's option names mean ours."""
-    same = lambda get, a, b: vars(get(a)) == vars(get(b))
+    same = lambda get, a, b: vars(get(["--preset", "tiny"] + a)) == vars(get(["--preset", "tiny"] + b))
     assert same(train_dit.get_args, ["--data-path", "/d"], ["--data", "/d"])
     assert same(train_sit.get_args, ["--data-dir", "/d"], ["--data", "/d"])
     assert same(train_dit.get_args, ["--mixed-precision", "bf16"], ["--precision", "bf16"])
@@ -149,7 +149,7 @@ def test_upstream_spellings_parse_to_the_same_arguments():
     assert same(train_sit.get_args, ["--path-type", "linear"], ["--path-type", "Linear"])
     assert same(train_sit.get_args, ["--enc-type", "dinov2-vit-b"], ["--dinov2-model", "dinov2_vitb14"])
     assert same(sample.get_args, ["--num-fid-samples", "100", "--ckpt", "x"], ["--num-samples", "100", "--ckpt", "x"])
-    assert train_dit.get_args(["--epochs", "3"]).epochs == 3
+    assert train_dit.get_args(["--preset", "tiny", "--epochs", "3"]).epochs == 3
     assert checkpoints.HUB_ALIASES["ema"] == "stabilityai/sd-vae-ft-ema"  # DiT's --vae ema / mse
 
 

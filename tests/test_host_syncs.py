@@ -110,8 +110,9 @@ def _maskgit(tmp):
 
 def _finetune(tmp):
     import finetune_eqvae as fe
-    return fe.main, fe.parse_args(["--preset", "tiny", "--num-images", "16", "--global-batch-size", "4",
-                                   "--grad-accum", "2", "--preview-every", "1000", "--config",
+    # A small random autoencoder (--init none), the GAN on (the tiny preset switches it off).
+    return fe.main, fe.parse_args(["--preset", "tiny", "--init", "none", "--disc-weight", "0.5", "--num-images", "16",
+                                   "--global-batch-size", "4", "--grad-accum", "2", "--preview-every", "1000", "--config",
                                    '{"ch": 8, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "resolution": 64, '
                                    '"norm_num_groups": 8}', "--disc-ndf", "8", "--val-every", "1000",  # no validation
                                    "--results-dir", str(tmp)] + STEPS)
