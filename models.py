@@ -250,7 +250,20 @@ class DiagonalGaussianDistribution:
 #                          KL Autoencoder and Configs                           #
 #################################################################################
 
-class KLVAE(nn.Module):
+class LatentGrid:
+    """What KLVAE and VQGAN share: the latent grid of an LDM Encoder/Decoder pair described by self.config."""
+    @property
+    def downsampling(self):
+        """f: latent side = image side / f (8 for SD-VAE, 16 for kl-f16 and the f16 VQ-GAN)."""
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    def latent_shape(self, resolution):
+        """(C, h, w) of the continuous latent of a resolution x resolution image: (4, 32, 32) for SD-VAE at 256 px
+        (a VQ-GAN's token grid is (h, w))."""
+        return (self.config["embed_dim"], resolution // self.downsampling, resolution // self.downsampling)
+
+
+class KLVAE(LatentGrid, nn.Module):
     """
     LDM's AutoencoderKL: Encoder -> quant_conv -> posterior q(z|x); z -> post_quant_conv -> Decoder. The defaults
     are SD-VAE (LDM kl-f8, 83.65M parameters, 4 x 32 x 32 latents at 256 px); KLVAE_models names the others.
@@ -296,15 +309,6 @@ class KLVAE(nn.Module):
     @property
     def scaling_factor(self):
         return self.config["scaling_factor"]
-
-    @property
-    def downsampling(self):
-        """f: latent side = image side / f (8 for SD-VAE, 16 for kl-f16)."""
-        return 2 ** (len(self.config["ch_mult"]) - 1)
-
-    def latent_shape(self, resolution):
-        """(C, h, w) of the latent of a resolution x resolution image: (4, 32, 32) for SD-VAE at 256 px."""
-        return (self.config["embed_dim"], resolution // self.downsampling, resolution // self.downsampling)
 
     def encode(self, x):
         """x: (N, 3, H, W) in [-1, 1] -> posterior over (N, embed_dim, H / f, W / f)."""
@@ -580,7 +584,7 @@ def codebook_usage(indices, n_embed):
     return codebook_usage_from_histogram(codebook_histogram(indices, n_embed))
 
 
-class VQGAN(nn.Module):
+class VQGAN(LatentGrid, nn.Module):
     """
     Taming VQModel: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder. The defaults are taming's
     configs/imagenet_vqgan.yaml: the f16 / 1024-code VQ-GAN of MaskGIT-pytorch and of the paper's Table 1, 72,141,699
@@ -602,15 +606,6 @@ class VQGAN(nn.Module):
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-
-    @property
-    def downsampling(self):
-        """f: token grid side = image side / f (16 for f16-1024)."""
-        return 2 ** (len(self.config["ch_mult"]) - 1)
-
-    def latent_shape(self, resolution):
-        """(C, h, w) of the continuous latent of a resolution x resolution image (the token grid is (h, w))."""
-        return (self.config["embed_dim"], resolution // self.downsampling, resolution // self.downsampling)
 
     def encode(self, x):
         """x: (B, 3, H, W) in [-1, 1] -> continuous latent (B, embed_dim, H/f, W/f), before quantisation

@@ -126,8 +126,7 @@ def main(args):
         if train_steps % args.ckpt_every == 0 or train_steps == args.max_steps:
             tu.save_generator(exp, train_steps, args, model, ema, opt, scaler, loader, **autoencoder)
     meter.close()
-    logger.info(f"Done: {args.model} trained for {train_steps:,} steps; checkpoints in {exp.ckpt_dir} (sample.py "
-                f"--ckpt {tu.list_checkpoints(exp.ckpt_dir)[-1]} draws from it)")
+    tu.log_done(exp, args.model, train_steps)
     return exp.dir
 
 

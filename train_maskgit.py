@@ -166,7 +166,7 @@ def main(args):
     meter.close()
     if last_saved != step:
         save(step)
-    logger.info(f"Done: {args.model} trained for {step:,} steps; checkpoints in {exp.ckpt_dir}")
+    tu.log_done(exp, args.model, step)
     return exp.dir
 
 

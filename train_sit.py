@@ -194,8 +194,7 @@ def main(args):
         if train_steps % args.ckpt_every == 0 or train_steps == args.max_steps:
             tu.save_generator(exp, train_steps, args, model, ema, opt, scaler, loader, **autoencoder)
     meter.close()
-    logger.info(f"Done: {args.model}{' + REPA' if args.repa else ''} trained for {train_steps:,} steps; checkpoints "
-                f"in {exp.ckpt_dir} (sample.py --ckpt {tu.list_checkpoints(exp.ckpt_dir)[-1]} draws from it)")
+    tu.log_done(exp, args.model + (" + REPA" if args.repa else ""), train_steps)
     return exp.dir
 
 

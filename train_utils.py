@@ -752,6 +752,13 @@ def save_generator(exp, step, args, model, ema, opt, scaler, loader, **extra):
     return path
 
 
+
+def log_done(exp, what, step):
+    """The last line of a generator run: what trained, where its checkpoints are, and how to sample from them."""
+    if _rank() == 0:
+        exp.logger.info(f"Done: {what} trained for {step:,} steps; checkpoints in {exp.ckpt_dir} (sample.py --ckpt "
+                        f"{list_checkpoints(exp.ckpt_dir)[-1]} draws from it)")
+
 def restore_training_state(ckpt, loader=None, **objects):
     """
     Resume in place: objects[name].load_state_dict(ckpt[name]) for every model, optimiser, scaler, EMA passed
