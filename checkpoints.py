@@ -82,8 +82,12 @@ def atomic_folder(folder, write):
     os.makedirs(tmp)
     try:
         write(tmp)
+        for name in os.listdir(tmp):  # on disk before the swap, as atomic_write's fsync
+            with open(os.path.join(tmp, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
         if os.path.exists(folder):
-            os.replace(folder, old)
+            os.replace(folder, old)  # a kill from here to the next rename: remove_leftovers completes the swap
         os.replace(tmp, folder)
     except (OSError, RuntimeError) as e:
         if not os.path.exists(folder) and os.path.exists(old):
@@ -95,6 +99,41 @@ def atomic_folder(folder, write):
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(os.path.dirname(folder))
     return folder
+
+
+def remove_leftovers(folder):
+    """
+    Clean up after writes killed midway in `folder` (a run calls it on its locked run folder, so no live writer
+    owns them): atomic_write's <name>.tmp.<pid> files are removed (their targets are intact); of atomic_folder's
+    swap, <name>.tmp.<pid> is a complete new folder once <name>.old.<pid> exists (the kill came between the two
+    renames), so the swap is completed; otherwise the old folder is put back. Returns the paths removed.
+    """
+    leftover = re.compile(r"(.+)\.(tmp|old)\.(\d+)$")
+    removed = []
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        m = leftover.match(name)
+        path = os.path.join(folder, name)
+        if not m or not os.path.exists(path):
+            continue
+        target, kind, pid = os.path.join(folder, m.group(1)), m.group(2), m.group(3)
+        if os.path.isdir(path) and not os.path.exists(target):
+            old, new = f"{target}.old.{pid}", f"{target}.tmp.{pid}"
+            if os.path.isdir(old) and os.path.isdir(new):
+                os.replace(new, target)  # the new export was complete: finish the swap
+                shutil.rmtree(old)
+                removed.append(old)
+            elif kind == "old":
+                os.replace(old, target)  # put the previous export back
+            else:
+                shutil.rmtree(path)
+                removed.append(path)
+            continue
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        removed.append(path)
+    if removed:
+        warnings.warn(f"removed what writes killed midway left behind: {', '.join(removed)}")
+    return removed
 
 
 class _PickleStub:

@@ -101,6 +101,18 @@ def save_npz(path, images=None, **arrays):
 # An image set is anything with len() and read(start, end) -> uint8 (n, H, W, 3). ADM .npz files (arr_0, uint8
 # NHWC) are streamed from the zip member rather than loaded whole: 50K images at 512 px are 39 GB.
 
+def load_numpy(path):
+    """np.load of a .npy / .npz (no pickles), or one error that names the file: numpy's own says neither which file
+    nor why (BadZipFile for a truncated download, a pickle complaint for a foreign file)."""
+    try:
+        if path.endswith(".npz") and os.path.isfile(path) and not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive")
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} cannot be read as a numpy .npy / .npz file ({type(e).__name__}: {e}); a "
+                         f"truncated download or another format?") from None
+
+
 class NpzImages:
     """The arr_0 array of an ADM .npz, read in slices."""
     def __init__(self, path):

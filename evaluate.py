@@ -514,7 +514,7 @@ def read_reference(path):
     images (an image set)."""
     ref = {"path": path}
     if os.path.isfile(path) and path.endswith(".npz"):
-        with np.load(path) as f:
+        with data.load_numpy(path) as f:
             keys = set(f.keys())
             ref.update({k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys})
             if "protocol" in keys:
@@ -961,7 +961,7 @@ def collect_latents(args, dist, latent="mean"):
 
 def cmd_id(args, dist):
     if args.latents is not None:
-        z = np.load(args.latents)
+        z = data.load_numpy(args.latents)
         if isinstance(z, np.lib.npyio.NpzFile):
             z = z[z.files[0]]
         source = args.latents

@@ -526,8 +526,8 @@ def export_autoencoder(vae, exp_dir, logger, discriminator=None):
 
 def restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger):
     """--init-state official: the init file's discriminator and Adam states, as Lightning's resume restores them;
-    weights: its discriminator only. Returns the learning rate from now on (logged): the file's, when its Adam
-    state was restored, unless --lr says otherwise."""
+    weights: its discriminator only. Returns the learning rate from now on (logged) and whether it is the file's
+    (its Adam state was restored and no --lr given)."""
     state = checkpoints.init_training_state(args.init, vae, disc)
     logger.info(f"Init state: {state['note']}")
     if state["disc"] is not None:
@@ -540,7 +540,7 @@ def restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger):
     else:
         logger.info("  discriminator: none in the init file, a random PatchGAN")
     if args.init_state != "official" or state["opt_ae"] is None:
-        return lr
+        return lr, False
     opt_ae.load_state_dict(state["opt_ae"])
     if state["opt_disc"] is not None:
         opt_disc.load_state_dict(state["opt_disc"])
@@ -552,7 +552,7 @@ def restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger):
     logger.info(f"  Adam states: restored (moments, step counts, betas {tuple(opt_ae.param_groups[0]['betas'])}); "
                 f"learning rate {new:.3g} " + ("(set with --lr)" if args.lr is not None else
                 f"from the file, as Lightning's resume does (the configured {lr:.3g} is replaced)"))
-    return new
+    return new, args.lr is None
 
 
 def held_out_images(args, device):
@@ -645,12 +645,15 @@ def main(args):
 
     # The official starting state: zelaki/eqvae passes kl-f8's model.ckpt to --resume, so Lightning restores its
     # trained PatchGAN and both Adams, their learning rate included (see checkpoints.init_training_state):
+    lr_from_init = False
     if exp.resume is None and args.init.lower() != "none" and args.init_state != "fresh":
-        lr = restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger)
+        lr, lr_from_init = restore_init_state(args, vae, disc, opt_ae, opt_disc, lr, logger)
 
     # Resume (model, discriminator, optimisers, scaler, EMA, step, data position, every rank's RNG), then seed each
-    # rank for the loop (DiT's per-rank seeds; tau stays shared, see tau_rng):
-    step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=vae.config, what="autoencoder", lr=lr,
+    # rank for the loop (DiT's per-rank seeds; tau stays shared, see tau_rng). A run that started with the init
+    # file's learning rate keeps it, unless --lr says otherwise:
+    step, ckpt = tu.resume_training(exp, args, RESUME_KEYS, loader, config=vae.config, what="autoencoder",
+                                    lr=lambda ckpt: None if args.lr is None and ckpt.get("lr_from_init") else lr,
                                     required=("model", "disc", "opt", "opt_disc", "step", "config", "args"),
                                     model=vae, disc=disc, opt=opt_ae, opt_disc=opt_disc, scaler=scaler,
                                     vf_proj=vf_proj, opt_vf=opt_vf)
@@ -659,6 +662,9 @@ def main(args):
         if ema is not None:  # EMA switched on at resume: it starts from the current weights
             ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
         skipped = ckpt.get("skipped_steps", 0)
+        lr_from_init = args.lr is None and bool(ckpt.get("lr_from_init"))
+        if lr_from_init:
+            logger.info(f"Learning rate {opt_ae.param_groups[0]['lr']:.3g}: the init file's, as the run started")
         del ckpt
 
     # Prepare models for training:
@@ -681,7 +687,8 @@ def main(args):
                                     disc=disc.state_dict(), opt=opt_ae.state_dict(), opt_disc=opt_disc.state_dict(),
                                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
                                     loader=loader.state_dict(), config=dict(vae.config), args=vars(args),
-                                    skipped_steps=int(skipped), vf_proj=vf_proj.state_dict() if vf_proj else None,
+                                    skipped_steps=int(skipped), lr_from_init=lr_from_init,
+                                    vf_proj=vf_proj.state_dict() if vf_proj else None,
                                     opt_vf=opt_vf.state_dict() if opt_vf else None)
 
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "

@@ -138,7 +138,7 @@ def main(args):
 
     # Resume (weights, optimiser, data position, every rank's RNG), so a resumed run continues exactly; seed ranks:
     train_steps, _ = tu.resume_training(exp, args, RESUME_KEYS, loader, lr=args.lr, model=model, ema=ema, opt=opt,
-                                        scaler=scaler)
+                                        scaler=scaler, same=dict(vae_norm=autoencoder["vae_norm"]))
 
     model = tu.distributed(model, device).train()  # important: .train() enables label dropout for CFG
     if args.compile:

@@ -134,8 +134,12 @@ class MetricsLog:
         row = {"step": int(step), "time": round(time.time(), 3)}
         for k, v in scalars.items():
             row[k] = v.item() if torch.is_tensor(v) else v
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: the row is lost, the checkpoints are not (a resume drops a partial line)
+            raise OSError(e.errno, f"could not append to {self.path}: {e.strerror or e}. Free some space and "
+                          f"--resume auto (the newest checkpoint is intact)") from None
 
     def truncate_after(self, step):
         """On resume, drop rows written after the checkpoint's step so the curve has no duplicates, and a partial
@@ -338,8 +342,6 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
     exp_dir = broadcast_object(exp_dir)  # rank 0's choice (the indices it saw), on every rank
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
     fresh = not os.path.isdir(exp_dir)
-    if fresh and _rank() == 0:
-        _NEW_RUN_FOLDERS.append(exp_dir)  # removed again if this run fails before its first checkpoint
     resume_path = resolve_resume(resume, ckpt_dir)
     saved_args = os.path.join(exp_dir, "args.json")
     if resume_path is not None and args is not None and os.path.isfile(saved_args):
@@ -348,28 +350,37 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
     if resume_path is None and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, or "
                               f"choose another --exp-name / --results-dir (nothing was overwritten).")
+    away = None
     if _rank() == 0:
+        try:
+            os.makedirs(exp_dir)  # atomic: of two runs starting at once, one creates the folder, one finds it
+            _NEW_RUN_FOLDERS.append(exp_dir)  # removed again if this run fails before its first checkpoint
+        except FileExistsError:
+            pass
         os.makedirs(ckpt_dir, exist_ok=True)
         _lock_run_folder(exp_dir)
-        for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), "*.tmp.*")):
-            os.remove(tmp)  # a save killed mid-write (its target is intact: the rename never happened)
+        for folder in (exp_dir, ckpt_dir, os.path.join(exp_dir, "ema")):
+            checkpoints.remove_leftovers(folder)  # writes killed midway (their targets are intact)
         if resume_path is not None:
             step = _step_of(resume_path)
-            newer = [p for p in list_checkpoints(ckpt_dir) if step is not None and _step_of(p) > step]
-            if newer:
+            ema_dir = os.path.join(exp_dir, "ema")
+            newer = [p for d in (ckpt_dir, ema_dir) for p in list_checkpoints(d) if step is not None and
+                     _step_of(p) > step]
+            if newer:  # checkpoints and EMA exports (what sample.py and curves.py read) of the abandoned steps
                 away = os.path.join(ckpt_dir, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.makedirs(away)
                 for p in newer:
-                    os.replace(p, os.path.join(away, os.path.basename(p)))
+                    sub = os.path.join(away, "ema") if os.path.dirname(p) == ema_dir else away
+                    os.makedirs(sub, exist_ok=True)
+                    os.replace(p, os.path.join(sub, os.path.basename(p)))
         if args is not None:
             checkpoints.atomic_write(os.path.join(exp_dir, "args.json"),
                                      lambda tmp: open(tmp, "w").write(json.dumps(vars(args), indent=2, default=str)))
     barrier()
     logger = create_logger(exp_dir)
     logger.info(f"Experiment directory: {exp_dir} (world_size={dist.world_size}, {dist.device}, {precision})")
-    if resume_path is not None and _rank() == 0 and glob.glob(os.path.join(glob.escape(ckpt_dir), "abandoned-*")):
-        logger.info(f"Checkpoints newer than {resume_path} (an abandoned branch) are kept in "
-                    f"{sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), 'abandoned-*')))[-1]}")
+    if away is not None:
+        logger.info(f"Checkpoints and EMA exports newer than {resume_path} (an abandoned branch) are kept in {away}; "
+                    f"the metrics rows after its step are dropped from metrics.jsonl")
     exp = SimpleNamespace(dir=exp_dir, ckpt_dir=ckpt_dir, resume=resume_path, logger=logger, fresh=fresh,
                           metrics=MetricsLog(os.path.join(exp_dir, "metrics.jsonl")))
     return exp
@@ -420,13 +431,15 @@ def per_rank_batch(global_batch_size, world_size):
 
 
 def resume_training(exp, args, keys, loader=None, required=("model", "opt", "args", "step"), config=None,
-                    what="model", lr=None, **objects):
+                    what="model", lr=None, same=None, **objects):
     """
     Continue the run at exp.resume in place, then seed the training loop. The checkpoint must have been made with
     the same values of the options in `keys` (and the same model `config`, when given); every object passed (model,
     EMA, optimisers, scaler; None is skipped) and the data position are restored and the metrics log is cut back to
     the checkpoint's step. Then every rank gets its own seed (global_seed * world_size + rank, DiT's convention) and,
     when resuming, the RNG states the checkpoint saved for it, so the loop continues exactly.
+    lr: the learning rate from now on (None keeps the checkpoint's), or a function of the checkpoint giving it.
+    same: {field: value} the checkpoint must hold as well when it records the field (e.g. vae_norm).
     Returns (step, checkpoint), or (0, None) for a fresh start.
     """
     ckpt, step = None, 0
@@ -439,9 +452,15 @@ def resume_training(exp, args, keys, loader=None, required=("model", "opt", "arg
             raise ValueError(f"Cannot resume from {exp.resume}: it was made for another {what}:\n  "
                              + "\n  ".join(diff))
         check_resume_args(ckpt["args"], args, keys)
+        for k, v in (same or {}).items():
+            if k in ckpt and ckpt[k] != v:
+                raise ValueError(f"Cannot resume from {exp.resume}: its {k} is {ckpt[k]}, this run's is {v} (the "
+                                 f"model was trained on other inputs); use the same autoencoder and factors, or "
+                                 f"start a new run")
         step = restore_training_state(ckpt, loader, **objects)
         exp.metrics.truncate_after(step)
         exp.logger.info(f"Resumed from {exp.resume} at step {step}")
+        lr = lr(ckpt) if callable(lr) else lr
         if lr is not None:  # an optimiser's state dict carries its learning rate: the one asked for now wins
             for name, opt in objects.items():
                 if isinstance(opt, torch.optim.Optimizer):
@@ -619,6 +638,7 @@ def user_error_message(e):
 def run_main(main, args):
     """A stage script's entry point: main(args), with user errors (USER_ERRORS) ended by one line on stderr and
     exit status 1 (EQVAE_TRACEBACK=1 shows the traceback), and the process group closed whatever happens."""
+    _NEW_RUN_FOLDERS.clear()  # only this run's folders (runs one after another in one process)
     try:
         return main(args)
     except USER_ERRORS as e:
@@ -659,9 +679,10 @@ def list_checkpoints(ckpt_dir):
 
 def prune_checkpoints(ckpt_dir, keep):
     """Keep the newest `keep` step checkpoints (rank 0); keep <= 0 keeps all."""
-    if _rank() != 0 or keep is None or keep <= 0:
+    if _rank() != 0:
         return
-    for p in list_checkpoints(ckpt_dir)[:-keep]:
+    checkpoints.remove_leftovers(ckpt_dir)  # the run folder is locked: no other writer's temporary files
+    for p in list_checkpoints(ckpt_dir)[:-keep] if keep is not None and keep > 0 else []:
         os.remove(p)
 
 
@@ -724,7 +745,14 @@ def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
     raise_if_nonfinite()  # never write a state that a NaN/inf loss has reached
     state = dict(state, step=step, rng=rng_states())
     path = os.path.join(ckpt_dir, f"{step:07d}.pt")
-    save_checkpoint(state, path)
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:  # a full disk while writing a new step file: what a resume can continue from
+        older = [p for p in list_checkpoints(ckpt_dir) if p != path]
+        if not older:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} The run's newest checkpoint, {older[-1]}, is intact: "
+                      f"--resume auto continues from it.") from None
     model = state.get("model") or {}
     maxima = [v.detach().abs().max().float() for v in model.values()
               if torch.is_tensor(v) and v.is_floating_point() and v.numel()]

@@ -15,11 +15,11 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_script(args, nproc=1, cwd=ROOT, check=True, timeout=300):
+def run_script(args, nproc=1, cwd=ROOT, check=True, timeout=300, env=None):
     """`python SCRIPT ARGS` (nproc=1) or `torchrun --nproc_per_node=nproc SCRIPT ARGS`, one thread per process;
-    args[0] is the script, relative to the repository root. Returns the CompletedProcess; check=True raises with
-    the end of its output when it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+    args[0] is the script, relative to the repository root; env: extra environment variables. Returns the
+    CompletedProcess; check=True raises with the end of its output when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     args = [os.path.join(ROOT, args[0]), *args[1:]]
     launcher = [sys.executable] if nproc == 1 else [

@@ -420,6 +420,15 @@ def test_official_starting_state_restores_the_discriminator_and_both_adams(tmp_p
                                     "--disc-ndf", "8", "--results-dir", str(tmp_path), "--exp-name", "a"]))
     log = open(os.path.join(folder, "log.txt")).read()
     assert "discriminator: restored from the init file" in log and "learning rate 3e-05 from the file" in log
+    # A resume keeps the file's rate (not the configured base-lr x batch), unless --lr says otherwise:
+    for extra, want in (([], 3e-5), (["--lr", "1e-4"], 1e-4)):
+        steps = str(int(tu.list_checkpoints(os.path.join(folder, "checkpoints"))[-1][-10:-3]) + 1)
+        folder = fe.main(fe.parse_args(["--preset", "tiny", "--init", str(tmp_path / "model.ckpt"), "--config", TINY,
+                                        "--max-steps", steps, "--num-images", "8", "--global-batch-size", "2",
+                                        "--disc-ndf", "8", "--results-dir", str(tmp_path), "--exp-name", "a",
+                                        "--resume", "auto"] + extra))
+        ckpt = torch.load(tu.list_checkpoints(os.path.join(folder, "checkpoints"))[-1], weights_only=False)
+        assert {g["lr"] for o in ("opt", "opt_disc") for g in ckpt[o]["param_groups"]} == {want}, extra
     folder = fe.main(fe.parse_args(["--preset", "tiny", "--init", str(tmp_path / "model.ckpt"), "--init-state",
                                     "fresh", "--max-steps", "1", "--num-images", "8", "--global-batch-size", "2",
                                     "--disc-ndf", "8", "--results-dir", str(tmp_path), "--exp-name", "b"]))

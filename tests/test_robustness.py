@@ -84,6 +84,10 @@ def test_4_resume_with_another_lr_applies_it_and_says_so(tmp_path, caplog):
     assert {g["lr"] for g in state["opt"]["param_groups"]} == {2e-4}
     with open(os.path.join(folder, "log.txt")) as f:
         assert "Learning rate of opt: 0.001 in the checkpoint, 0.0002 from now on" in f.read()
+    # Another latent normalisation would feed the model other inputs: refused, naming both.
+    with pytest.raises(ValueError, match=r"its vae_norm is \{'scaling_factor': 0.311.* this run's is "
+                                         r"\{'scaling_factor': 0.5"):
+        dit_run(tmp_path, "--max-steps", "4", "--scaling-factor", "0.5", "--resume", "auto")
 
 
 def test_5_16_bit_pngs_bad_counts_and_a_second_run_in_one_folder(tmp_path):
@@ -111,6 +115,26 @@ def test_5_16_bit_pngs_bad_counts_and_a_second_run_in_one_folder(tmp_path):
         holder.kill()
         holder.wait()
     tu._lock_run_folder(str(tmp_path))  # the holder died: its lock is free again
+    # Two runs starting at once on one new folder: the one that finds it locked leaves the other's folder alone.
+    run = tmp_path / "results" / "race"
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, sys; sys.path.insert(0, {ROOT!r}); import "
+                               f"train_utils; os.makedirs({str(run)!r}); train_utils._lock_run_folder({str(run)!r}); "
+                               f"print('locked', flush=True); import time; time.sleep(30)"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        real_isdir = os.path.isdir
+        os.path.isdir = lambda p: False if os.path.abspath(p) == str(run) else real_isdir(p)  # it looked first
+        try:
+            with pytest.raises(SystemExit, match="in use by"):
+                tu.run_main(lambda a: tu.setup_experiment(str(run.parent), "x", None, tu.setup_distributed(), "fp32",
+                                                          a), train_dit.get_args(DIT + ["--exp-name", "race"]))
+        finally:
+            os.path.isdir = real_isdir
+        assert run.is_dir()  # the first run's folder is still there
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # --------------------------------------------------------------------------------------------- lost or blocked work
@@ -137,11 +161,23 @@ def test_7_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
 
 
 def test_8_leftovers_of_a_killed_save_go_and_writes_are_synced_and_atomic(tmp_path, monkeypatch):
-    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts, run = tmp_path / "run" / "checkpoints", tmp_path / "run"
     ckpts.mkdir(parents=True)
+    (run / "ema").mkdir()
     (ckpts / "0000002.pt.tmp.99999").write_bytes(b"x" * 1000)  # kill -9 during torch.save
+    (run / "ema" / "0000002.pt.tmp.99999").write_bytes(b"x" * 1000)  # ... during the EMA export
+    (run / "diffusers.old.99999").mkdir()  # ... between atomic_folder's two renames: the old export moved aside,
+    (run / "diffusers.old.99999" / "config.json").write_text("old")
+    (run / "diffusers.tmp.99999").mkdir()  # the new one complete
+    (run / "diffusers.tmp.99999" / "config.json").write_text("new")
     dist = tu.setup_distributed()
-    tu.setup_experiment(str(tmp_path), "x", None, dist, "fp32", train_dit.get_args(DIT + ["--exp-name", "run"]))
+    with pytest.warns(UserWarning, match="writes killed midway"):
+        tu.setup_experiment(str(tmp_path), "x", None, dist, "fp32", train_dit.get_args(DIT + ["--exp-name", "run"]))
+    assert os.listdir(ckpts) == [] and os.listdir(run / "ema") == []
+    assert (run / "diffusers" / "config.json").read_text() == "new" and not list(run.glob("diffusers.*"))
+    (ckpts / "0000004.pt.tmp.99999").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="writes killed midway"):
+        tu.prune_checkpoints(str(ckpts), 2)  # and on prune
     assert os.listdir(ckpts) == []
     synced = []
     real_fsync = os.fsync
@@ -170,7 +206,14 @@ def test_9_a_rollback_keeps_what_it_saves_and_shelves_the_abandoned_branch(tmp_p
     ckpts = os.path.join(folder, "checkpoints")
     assert [os.path.basename(p) for p in tu.list_checkpoints(ckpts)] == ["0000003.pt"]
     (shelf,) = [d for d in os.listdir(ckpts) if d.startswith("abandoned-")]
-    assert sorted(os.listdir(os.path.join(ckpts, shelf))) == ["0000004.pt", "0000006.pt"]
+    assert sorted(os.listdir(os.path.join(ckpts, shelf))) == ["0000004.pt", "0000006.pt", "ema"]
+    # The abandoned steps' EMA exports (what sample.py and curves.py read) go with them:
+    assert sorted(os.listdir(os.path.join(ckpts, shelf, "ema"))) == ["0000004.pt", "0000006.pt"]
+    assert sorted(os.listdir(os.path.join(folder, "ema"))) == ["0000002.pt", "0000003.pt"]
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert log.count("an abandoned branch") == 1
+    dit_run(tmp_path, "--max-steps", "4", "--ckpt-every", "1", "--keep-last", "1", "--resume", "auto")
+    assert open(os.path.join(folder, "log.txt")).read().count("an abandoned branch") == 1  # said once, when it moved
 
 
 def test_10_and_11_checkpoints_open_weights_only_and_the_default_keeps_the_disk(dit_ckpt):
@@ -197,6 +240,14 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypat
     with pytest.raises(OSError, match=r"could not write .*0000001.pt: the disk is full; the previous file is intact"):
         tu.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["0000001.pt"]
+    # A new step's file: the message names the newest checkpoint a resume continues from.
+    with pytest.raises(OSError, match=r"0000002.pt: the disk is full; nothing was written. .* The run's newest "
+                                      r"checkpoint, .*0000001.pt, is intact"):
+        tu.save_training_checkpoint(str(tmp_path), 2, model={})
+    with pytest.raises(OSError, match=r"could not append to .*metrics.jsonl"):
+        log = tu.MetricsLog(str(tmp_path / "metrics.jsonl"))
+        os.makedirs(log.path)  # (a path that cannot be appended to)
+        log.write(1, loss=1.0)
 
 
 def test_symlink_loops_corrupt_files_and_bad_options_are_named(tmp_path):
@@ -215,6 +266,12 @@ def test_symlink_loops_corrupt_files_and_bad_options_are_named(tmp_path):
     import evaluate
     with pytest.raises(ValueError, match="bad.npz is not an .npz archive"):
         data.open_images(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with open(tmp_path / "ref.npz", "r+b") as f:
+        f.truncate(50)  # a download cut short
+    for path in ("bad.npz", "ref.npz"):
+        with pytest.raises(ValueError, match=f"{path} cannot be read as a numpy"):
+            evaluate.read_reference(str(tmp_path / path))
     vae = models.KLVAE_models["tiny"]()
     with pytest.raises(ValueError, match="--image-size 60 is not a multiple of 8 .*use 56 or 64"):
         tu.check_resolution(60, vae)
@@ -232,7 +289,7 @@ def test_user_errors_are_one_line(argv, code, says, tmp_path):
     checkpoints.save_ldm(models.KLVAE_models["tiny"](), str(tmp_path / "vae.ckpt"))
     argv = [a.replace("VAE", str(tmp_path / "vae.ckpt")) for a in argv] + (["--results-dir", str(tmp_path)] if
                                                                            argv[0] != "evaluate.py" and argv[0] != "sample.py" else [])
-    out = run_script(argv, check=False)
+    out = run_script(argv, check=False, env={"CUDA_VISIBLE_DEVICES": ""})  # the CPU's answers on any machine
     assert out.returncode == code, out.stderr[-2000:]
     assert says in out.stderr and "Traceback" not in out.stderr
 
