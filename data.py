@@ -800,7 +800,9 @@ def vae_fingerprint(vae):
 
 def dataset_fingerprint(dataset):
     """sha256 (first 16 hex digits) of which images a dataset holds, in order, with their labels: the relative file
-    paths of an ImageFolder (its scan, no file is opened), the parameters of the synthetic set; and the transform."""
+    paths of an ImageFolder (its scan, no file is opened), the parameters of the synthetic set; and the transform.
+    Not the root or the contents: a copy of the dataset elsewhere (a node-local disk) reuses the cache, and an
+    edited copy under the same names is not told apart."""
     h = hashlib.sha256()
     if isinstance(dataset, SyntheticImages):
         h.update(f"synthetic:{dataset.num_images}:{dataset.resolution}:{dataset.num_classes}:{dataset.seed}".encode())

@@ -340,6 +340,7 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
     exp_dir = run_folder(results_dir, name, getattr(args, "exp_name", None), resume, args, keys) if args else \
         os.path.join(results_dir, name)
     exp_dir = broadcast_object(exp_dir)  # rank 0's choice (the indices it saw), on every rank
+    _LAST_SAVED.clear()  # the NaN message speaks of this run's checkpoints only
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
     fresh = not os.path.isdir(exp_dir)
     resume_path = resolve_resume(resume, ckpt_dir)
@@ -458,6 +459,7 @@ def resume_training(exp, args, keys, loader=None, required=("model", "opt", "arg
                                  f"model was trained on other inputs); use the same autoencoder and factors, or "
                                  f"start a new run")
         step = restore_training_state(ckpt, loader, **objects)
+        _record_saved(exp.resume, step, ckpt.get("model") or {})  # what the NaN message calls the last checkpoint
         exp.metrics.truncate_after(step)
         exp.logger.info(f"Resumed from {exp.resume} at step {step}")
         lr = lr(ckpt) if callable(lr) else lr
@@ -734,7 +736,14 @@ def load_checkpoint(path, required=("model",)):
     return ckpt
 
 
-_LAST_SAVED = {}  # the newest checkpoint this process wrote: its path, step and largest weight (for the NaN message)
+_LAST_SAVED = {}  # the newest checkpoint this run wrote or resumed: path, step, largest weight (for the NaN message)
+
+
+def _record_saved(path, step, model):
+    maxima = [v.detach().abs().max().float() for v in model.values()
+              if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    _LAST_SAVED.update(path=path, step=step, max_abs=float(torch.stack([m.to(maxima[0].device) for m in maxima]).max())
+                       if maxima else 0.0)  # one sync
 
 
 def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
@@ -753,11 +762,7 @@ def save_training_checkpoint(ckpt_dir, step, keep=0, logger=None, **state):
             raise
         raise OSError(e.errno, f"{e.strerror or e} The run's newest checkpoint, {older[-1]}, is intact: "
                       f"--resume auto continues from it.") from None
-    model = state.get("model") or {}
-    maxima = [v.detach().abs().max().float() for v in model.values()
-              if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-    _LAST_SAVED.update(path=path, step=step, max_abs=float(torch.stack([m.to(maxima[0].device) for m in maxima]).max())
-                       if maxima else 0.0)  # one sync
+    _record_saved(path, step, state.get("model") or {})
     prune_checkpoints(ckpt_dir, keep)
     barrier()  # no rank runs ahead (and maybe dies) before the checkpoint is on disk
     if logger is not None:

@@ -297,3 +297,11 @@ def test_user_errors_are_one_line(argv, code, says, tmp_path):
 def test_nan_message_says_whether_the_last_checkpoint_is_sound(tmp_path):
     with pytest.raises(tu.NonFiniteLossError, match=r"largest weight is .* \(diverged already: resume from an older"):
         dit_run(tmp_path, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30")
+    # The message speaks of this run's checkpoints only: not another run's, and a resumed one's counts.
+    ok = dit_run(tmp_path, "--max-steps", "2", "--ckpt-every", "2", exp="ok")
+    with pytest.raises(tu.NonFiniteLossError, match="no checkpoint was saved by this run"):
+        dit_run(tmp_path, "--max-steps", "5", "--ckpt-every", "100", "--lr", "1e30", exp="other")
+    with pytest.raises(tu.NonFiniteLossError, match=r"the last checkpoint, .*ok/checkpoints/0000002.pt \(step 2\), "
+                                                    r"is untouched; its largest weight is [0-9.]+\)"):
+        dit_run(tmp_path, "--max-steps", "5", "--ckpt-every", "100", "--lr", "1e30", "--resume", "auto", exp="ok")
+    assert ok
