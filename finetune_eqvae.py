@@ -515,9 +515,9 @@ def export_autoencoder(vae, exp_dir, logger, discriminator=None):
         try:
             save(vae, os.path.join(exp_dir, name))
             written.append(name)
-        except (OSError, ValueError) as e:
-            failed.append(f"{name}: {e}")
-            logger.info(f"Could not export {name}: {e}")
+        except Exception as e:  # whatever stops one exporter (a full disk, an unexpected layout) spares the others
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            logger.info(f"Could not export {name}: {type(e).__name__}: {e}")
     if failed:
         raise ValueError(f"export to {exp_dir} failed for {'; '.join(failed)} (written: {', '.join(written) or 'none'}; "
                          f"the weights are in the last checkpoint of {os.path.join(exp_dir, 'checkpoints')})")
@@ -900,7 +900,8 @@ def get_parser():
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the autoencoder, e.g. 0.9999 (0 = off, "
                    "as the official trainer)")
     # System
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder and PatchGAN")
+    p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder's residual blocks and "
+                   "resamplers (what the adaptive GAN weight differentiates, attention and the PatchGAN stay eager)")
     p.add_argument("--preview-every", type=tu.positive_int, default=1000, help="steps between previews (Figure 2 "
                    "rows) and equivariance errors on the held-out images")
     p.add_argument("--tau-per-rank", action="store_true", help="each GPU draws its own tau (default: one tau per "

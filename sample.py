@@ -291,12 +291,16 @@ def main(args):
     vae_path = autoencoder_path(args, recorded)
     overrides = {k: v for k, v in (("scaling_factor", args.scaling_factor), ("shift_factor", args.shift_factor))
                  if v is not None}
-    vae = checkpoints.load_autoencoder(vae_path, log=logger.info, **overrides).to(device)
-    if isinstance(vae, models.KLVAE) and recorded.get("vae_norm") and not overrides:
-        if recorded["vae_norm"] != vae.latent_norm():
-            logger.info(f"Latent normalisation as the model was trained: {recorded['vae_norm']} (the autoencoder "
-                        f"file says {vae.latent_norm()})")
-        vae.config.update(recorded["vae_norm"])
+    trained = recorded.get("vae_norm")  # the normalisation the model was trained with (KL autoencoders)
+    factors = {k: trained[k] for k in ("scaling_factor", "shift_factor")} if trained else {}
+    vae = checkpoints.load_autoencoder(vae_path, log=logger.info, **dict(factors, **overrides)).to(device)
+    if trained:
+        vae.config.update(latents_mean=trained["latents_mean"], latents_std=trained["latents_std"])
+        if overrides and vae.latent_norm() != trained:  # an option not given keeps the trained value
+            logger.info(f"Latent normalisation {vae.latent_norm()} (--scaling-factor / --shift-factor), not the "
+                        f"{trained} the model was trained with")
+        else:
+            logger.info(f"Latent normalisation as the model was trained: {trained}")
     logger.info(f"Autoencoder: {vae_path}")
     tu.check_resolution(args.image_size, vae)
     generate = setup(args, vae, device, state_dict, recorded)

@@ -2,6 +2,7 @@
 SDXL-VAE), against diffusers' AutoencoderKL on the same random weights; every diffusers folder variant; the
 single-file layouts; latent normalisation; the loader's refusals."""
 import json
+import logging
 import os
 
 import diffusers  # the reference (requirements-test.txt)
@@ -264,3 +265,14 @@ def test_kl_f16_from_an_ldm_file_fine_tunes_and_exports_both_formats(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(outputs(ldm, x), outputs(folder, x)))
     ref = diffusers.AutoencoderKL.from_pretrained(os.path.join(exp_dir, "diffusers")).eval()
     assert all((a - b).abs().max() < 5e-5 for a, b in zip(outputs(ldm, x), outputs(ref, x)))
+
+
+def test_an_export_that_fails_spares_the_others(tmp_path, monkeypatch):
+    vae = models.KLVAE_models["tiny"]()
+
+    def broken(*a, **k):
+        raise RuntimeError("an exporter bug")
+    monkeypatch.setattr(checkpoints, "save_ldm", broken)
+    with pytest.raises(ValueError, match=r"failed for eqvae.ckpt: RuntimeError: an exporter bug \(written: diffusers"):
+        fe.export_autoencoder(vae, str(tmp_path), logging.getLogger("test"))
+    assert checkpoints.load_autoencoder(str(tmp_path / "diffusers")).config == vae.config

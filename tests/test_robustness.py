@@ -75,6 +75,12 @@ def test_3_sample_refuses_a_model_name_the_checkpoint_contradicts(dit_ckpt, tmp_
     _, ckpt = dit_ckpt
     with pytest.raises(ValueError, match="--model SiT-T/2, but .* was trained as DiT-T/2"):
         sample.main(sample_args(ckpt, tmp_path, "--model", "SiT-T/2"))
+    # One factor given: the other keeps the value the model was trained with (not the file's), and the log says so.
+    out = run_script(["sample.py", "--preset", "tiny", "--ckpt", ckpt, "--sample-dir", str(tmp_path / "s"),
+                      "--num-samples", "2", "--num-sampling-steps", "2", "--shift-factor", "0"])
+    said = out.stdout + out.stderr
+    assert "Latent normalisation {'scaling_factor': 0.311" in said and "'shift_factor': 0.0" in said, said[-3000:]
+    assert "not the {'scaling_factor': 0.311" in said and "'shift_factor': -0.319" in said
 
 
 def test_4_resume_with_another_lr_applies_it_and_says_so(tmp_path, caplog):
