@@ -220,6 +220,10 @@ def test_cli_fid_equals_torch_fidelity_and_pytorch_fid(tmp_path, capsys, monkeyp
         np.testing.assert_allclose(f["mu"], mu, rtol=0, atol=1e-6)
         np.testing.assert_allclose(f["sigma"], sigma, rtol=0, atol=1e-6)
     other = run_cli(capsys, ["fid", str(tmp_path / "r"), str(tmp_path / "pf.npz"), *cli, "--protocol", "pytorch-fid"])
+    mu_r, sigma_r = pytorch_fid.fid_score.compute_statistics_of_path(str(tmp_path / "r"), net, 50, 2048, "cpu", 0)
+    capsys.readouterr()
+    assert other["fid"] == pytest.approx(pytorch_fid.fid_score.calculate_frechet_distance(mu_r, sigma_r, mu, sigma),
+                                         rel=2e-5)  # pytorch-fid's own FID (calculate_fid_given_paths' second half)
     assert abs(other["fid"] - ours["fid"]) > 1e-3 * ours["fid"]
     assert len(os.listdir(tmp_path / "cache")) == 4                         # features cached per protocol and set
 

@@ -107,3 +107,20 @@ def test_find_weights(tmp_path, monkeypatch):
     assert path == os.path.join(str(tmp_path / "hub"), "checkpoints", "vgg.pth") and os.path.isfile(path)
     os.remove(src)
     assert checkpoints.find_weights("vgg.pth", src.as_uri()) == path
+
+
+def test_equals_the_lpips_package_with_its_shipped_lin_layers():
+    import lpips as lpips_package  # the reference (requirements-test.txt); pnet_rand: random VGG, nothing downloaded
+    ref = lpips_package.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False).eval()
+    ours = models.LPIPS()
+    # The package splits VGG16's features into slice1..5 keeping torchvision's indices; its lin layers are the
+    # released v0.1 weights the wheel ships.
+    ours.features.load_state_dict({k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()})
+    with torch.no_grad():
+        for k in range(5):
+            ours.lins[f"lin{k}"].model[1].weight.copy_(getattr(ref, f"lin{k}").model[1].weight)
+    torch.manual_seed(2)
+    x, y = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y), ref(x, y).flatten(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ours(x, x), torch.zeros(3), rtol=0, atol=1e-7)
