@@ -6,6 +6,7 @@ import logging
 import os
 
 import diffusers  # the reference (requirements-test.txt)
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -67,6 +68,11 @@ def test_same_outputs_as_diffusers_and_its_config(config, tmp_path):
     assert back.latent_norm() == vae.latent_norm()
     for ours, again in zip(outputs(vae, x), outputs(back, x)):
         assert torch.equal(ours, again)
+    # ... and so does the LDM-layout export of every family (no quant convs, 16 channels, shift, per channel).
+    checkpoints.save_ldm(vae, str(tmp_path / "ldm.ckpt"))
+    back = checkpoints.load_autoencoder(str(tmp_path / "ldm.ckpt"))
+    assert back.config == vae.config
+    assert all(torch.equal(a, b) for a, b in zip(outputs(vae, x), outputs(back, x)))
 
 
 def test_latent_normalisation_formulas():
@@ -276,3 +282,19 @@ def test_an_export_that_fails_spares_the_others(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"failed for eqvae.ckpt: RuntimeError: an exporter bug \(written: diffusers"):
         fe.export_autoencoder(vae, str(tmp_path), logging.getLogger("test"))
     assert checkpoints.load_autoencoder(str(tmp_path / "diffusers")).config == vae.config
+
+
+def test_dit_with_patch_size_1_on_f16_latents_trains_and_samples(tmp_path):
+    """kl-f16's generative path (SD-VAE-16 in Table 1): 16 x 4 x 4 latents of a 64 px image, DiT-T/1 tokens."""
+    f16 = dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(4,), z_channels=16, resolution=64,
+               scaling_factor=0.5)
+    checkpoints.save_ldm(random_vae(f16), str(tmp_path / "f16.ckpt"))
+    run_script(["train_dit.py", "--preset", "tiny", "--exp-name", "f16", "--vae", str(tmp_path / "f16.ckpt"),
+                "--model", "DiT-T/1", "--num-images", "16", "--global-batch-size", "8", "--max-steps", "2",
+                "--ckpt-every", "2", "--results-dir", str(tmp_path)])
+    state = torch.load(str(tmp_path / "f16" / "checkpoints" / "0000002.pt"), weights_only=True)
+    assert state["model"]["pos_embed"].shape == (1, 16, 128)  # 4 x 4 tokens of patch 1 (DiT-T: width 128)
+    run_script(["sample.py", "--preset", "tiny", "--ckpt", str(tmp_path / "f16" / "checkpoints" / "0000002.pt"),
+                "--num-samples", "2", "--num-sampling-steps", "2", "--out", str(tmp_path / "s.npz"),
+                "--sample-dir", str(tmp_path / "s")])
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 64, 64, 3)
