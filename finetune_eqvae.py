@@ -670,6 +670,11 @@ def main(args):
     # Prepare models for training:
     if args.compile:
         compile_models(vae)
+    fmt = torch.channels_last if args.channels_last else torch.preserve_format
+    for m in (vae, disc, lpips) if args.channels_last else ():
+        if m is not None:
+            m.to(memory_format=fmt)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = TauAutoencoder(vae, args.interp)
     ddp_model, ddp_disc = tu.distributed(model, device), tu.distributed(disc, device)
     ddp_vf = tu.distributed(vf_proj, device) if vf_proj is not None else None
@@ -717,7 +722,7 @@ def main(args):
         parts = {n: 0.0 for n in names}
         for micro in range(args.grad_accum):
             x, _ = next(loader)
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=fmt)
             # Draw tau: one per micro-batch, the same on every rank as in the official run (see tau_rng); with
             # --tau-per-rank each rank draws its own from its python `random` (seeded per rank, saved in checkpoints).
             # The posterior noise and LPIPS's dropout stay per rank (DiT's per-rank seeds); in the official run they
@@ -902,6 +907,10 @@ def get_parser():
     # System
     p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder's residual blocks and "
                    "resamplers (what the adaptive GAN weight differentiates, attention and the PatchGAN stay eager)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the autoencoder, PatchGAN "
+                   "and LPIPS (tensor cores' layout; bench/gpu_check.sh measures whether it is faster)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms for "
+                   "each input size (once per tau size; bench/gpu_check.sh measures it)")
     p.add_argument("--preview-every", type=tu.positive_int, default=1000, help="steps between previews (Figure 2 "
                    "rows) and equivariance errors on the held-out images")
     p.add_argument("--tau-per-rank", action="store_true", help="each GPU draws its own tau (default: one tau per "

@@ -9,8 +9,9 @@ table: images/s, model FLOP utilisation (MFU) against this chip's *measured* bf1
 
 Stages (real size / --cpu-smoke):
   EQ-VAE fine-tune   SD-VAE, 256 px, batch 10, L1 + LPIPS (VGG16) + KL + adaptive PatchGAN, both optimisers: in
-                     fp32 (its default: TF32), bf16 and fp16 + GradScaler (the tiny KL-VAE at 64 px, batch 1;
-                     fp32 and fp16)
+                     fp32 (its default: TF32), fp32 with NHWC tensors + cudnn.benchmark (--channels-last
+                     --cudnn-benchmark: whether they pay), bf16 and fp16 + GradScaler (the tiny KL-VAE at 64 px,
+                     batch 1; all but bf16)
   DiT-XL/2           batch 32 of 4 x 32 x 32 latents, AdamW + EMA, eager and torch.compile'd (DiT-T/2, batch 4)
   SiT-XL/2 + REPA    batch 32, DINOv2 ViT-B/14 targets of the 256 px images, clip 1.0 (SiT-T/2 + dinov2_tiny)
   MaskGIT-256        batch 32 of 16 x 16 tokens, 1024 codes (maskgit-tiny)
@@ -94,11 +95,12 @@ def on(device):
 #                                     Stages                                    #
 #################################################################################
 
-def stage_finetune(cfg, precision="fp32"):
+def stage_finetune(cfg, precision="fp32", channels_last=False):
     """One EQ-VAE optimiser step as finetune_eqvae.main takes it (one micro-batch): tau, eqvae_losses with LPIPS and
     the adaptive GAN weight, the generator backward, the PatchGAN hinge loss and backward, both Adam steps; in fp32
     (the fine-tune's default, TF32 matmuls, as the official run), bf16, or fp16 with one GradScaler for both
-    optimisers and the adaptive weight at its scale."""
+    optimisers and the adaptive weight at its scale. channels_last: NHWC tensors and cudnn.benchmark (the
+    fine-tune's --channels-last --cudnn-benchmark), to decide whether they pay."""
     device, smoke = cfg.device, cfg.smoke
     res, batch = (64, 1) if smoke else (256, 10)
     fp16 = precision == "fp16"
@@ -116,6 +118,11 @@ def stage_finetune(cfg, precision="fp32"):
     one = torch.ones((), device=device)
     latent = vae.latent_shape(res)[1:]
     x = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+    if channels_last:
+        for m in (vae, disc, lpips):
+            m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = channels_last
     rng = random.Random(0)
 
     def step():
@@ -138,10 +145,12 @@ def stage_finetune(cfg, precision="fp32"):
 
     sec, flops, peak = measure(step, device, cfg.warmup, cfg.steps)
     out = step()
+    torch.backends.cudnn.benchmark = False
     note = f"d_weight {float(out['d_weight']):.3g}, loss scale {scaler.get_scale():g}" if fp16 else ""
     if not all(torch.isfinite(out[k]).all() for k in ("loss", "d_weight")):
         raise RuntimeError(f"non-finite loss or adaptive weight ({note})")
-    return dict(name=f"EQ-VAE fine-tune {precision}", images=batch, sec=sec, flops=flops, peak=peak,
+    return dict(name=f"EQ-VAE fine-tune {precision}{' NHWC+bench' if channels_last else ''}", images=batch,
+                sec=sec, flops=flops, peak=peak,
                 config=f"{'tiny KL' if smoke else 'SD-VAE'} {res}px b{batch} +LPIPS +GAN", note=note)
 
 
@@ -386,7 +395,8 @@ def main():
     stages = [("finetune", stage_finetune)]
     if not smoke:  # bf16 convolutions on a CPU are emulated: too slow for the smoke run
         stages.append(("finetune-bf16", lambda c: stage_finetune(c, "bf16")))
-    stages += [("finetune-fp16", lambda c: stage_finetune(c, "fp16")),
+    stages += [("finetune-nhwc", lambda c: stage_finetune(c, "fp32", channels_last=True)),
+               ("finetune-fp16", lambda c: stage_finetune(c, "fp16")),
                ("dit", stage_dit), ("dit-compiled", lambda c: stage_dit(c, compiled=True)),
                ("repa", stage_repa), ("maskgit", stage_maskgit), ("sample", stage_sample), ("fid", stage_fid)]
     if args.official:

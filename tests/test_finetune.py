@@ -449,6 +449,21 @@ def test_fine_tune_defaults_to_fp32_on_cuda_and_generators_to_bf16(monkeypatch):
     assert seen["default"] == "fp32"  # the official fine-tune: Lightning's 32-bit
 
 
+def test_channels_last_and_cudnn_benchmark_compute_the_same_fine_tune(tmp_path):
+    losses = {}
+    for name, extra in (("nchw", []), ("nhwc", ["--channels-last", "--cudnn-benchmark"])):
+        folder = fe.main(fe.parse_args(["--preset", "tiny", "--max-steps", "3", "--num-images", "8",
+                                        "--global-batch-size", "2", "--log-every", "1", "--results-dir", str(tmp_path),
+                                        "--exp-name", name, *extra]))
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        losses[name] = [r[k] for r in rows if "rec" in r for k in ("rec", "nll", "kl")]
+    assert torch.backends.cudnn.benchmark  # (the option reached the backend)
+    torch.backends.cudnn.benchmark = False
+    # The same steps in another memory layout: float rounding apart. (Not the weights: Adam turns the rounding
+    # noise of gradients that are zero in exact arithmetic, the attention's key bias, into lr-sized steps.)
+    assert len(losses["nchw"]) == 9 and losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-4)
+
+
 def test_preview_rows_show_figure_2_on_an_exactly_equivariant_autoencoder():
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     rows = fe.preview_rows(PointwiseAE(), x)

@@ -14,7 +14,7 @@ def test_gpu_check_cpu_smoke():
     table = out.stdout[out.stdout.index("| stage |"):]
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names == ["EQ-VAE fine-tune fp32", "EQ-VAE fine-tune fp16", "DiT-T/2", "DiT-T/2 compiled", "SiT-T/2 + REPA",
+    assert names == ["EQ-VAE fine-tune fp32", "EQ-VAE fine-tune fp32 NHWC+bench", "EQ-VAE fine-tune fp16", "DiT-T/2", "DiT-T/2 compiled", "SiT-T/2 + REPA",
                      "maskgit-tiny", "sample.py DiT-T/2", "FID features"], names
     for r in rows:
         cells = [c.strip() for c in r.split("|")[1:-1]]
