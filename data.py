@@ -418,16 +418,27 @@ def _is_dir(entry):
         return None
 
 
-def _scan_images(folder):
+def _folder_key(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_dev
+
+
+def _scan_images(folder, outside=frozenset()):
     """Sorted paths of all image files under folder (recursive, follows symlinks, skips hidden entries). A folder
-    reached twice through symlinks (a loop) is scanned once; an entry that cannot be followed is skipped, warned."""
+    reached twice through symlinks (a loop) is scanned once; an entry that cannot be followed is skipped, warned;
+    a symlink into a folder in `outside` (the dataset root, another class) is not followed, warned, so no image is
+    listed under the wrong label."""
     found, stack, seen = [], [folder], set()
     while stack:
         current = stack.pop()
         try:
-            key = os.stat(current).st_ino, os.stat(current).st_dev
+            key = _folder_key(current)
         except OSError as e:
             warnings.warn(f"ImageFolder: skipping {current} ({e.strerror or e}: a broken or looping symlink?)")
+            continue
+        if key in outside:
+            warnings.warn(f"ImageFolder: skipping {current}: it leads to the dataset root or another class folder "
+                          f"(a symlink cycle), whose images belong to their own label")
             continue
         if key in seen:
             continue
@@ -481,8 +492,9 @@ class ImageFolder(torch.utils.data.Dataset):
             self.classes = [e.name for e in subdirs]
             self.samples = []
             empty = []
+            keys = {_folder_key(root)} | {_folder_key(d.path) for d in subdirs}
             for label, d in enumerate(subdirs):
-                paths = _scan_images(d.path)
+                paths = _scan_images(d.path, outside=keys - {_folder_key(d.path)})
                 empty += [] if paths else [d.name]
                 self.samples += [(p, label) for p in paths]
             loose = [e.name for e in top if _is_dir(e) is False and e.name.lower().endswith(IMG_EXTENSIONS)]

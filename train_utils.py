@@ -299,6 +299,14 @@ def run_folder(results_dir, name, exp_name, resume, args=None, keys=()):
     return os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{name}")
 
 
+def _caught(fn, *args):
+    """fn(*args) and the messages of the warnings it raised, to go into the run's log.txt (not only stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args)
+    return out, [str(w.message) for w in caught]
+
+
 _NEW_RUN_FOLDERS = []  # run folders this process created
 _LOCKS = {}  # run folder -> its open lock file: this process's locks (a lock lives as long as its file is open)
 
@@ -343,7 +351,7 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
     _LAST_SAVED.clear()  # the NaN message speaks of this run's checkpoints only
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
     fresh = not os.path.isdir(exp_dir)
-    resume_path = resolve_resume(resume, ckpt_dir)
+    resume_path, early = _caught(resolve_resume, resume, ckpt_dir)  # warnings for log.txt, once it exists
     saved_args = os.path.join(exp_dir, "args.json")
     if resume_path is not None and args is not None and os.path.isfile(saved_args):
         with open(saved_args) as f:  # before any weights load or any file changes (resume_training checks again)
@@ -361,7 +369,7 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
         os.makedirs(ckpt_dir, exist_ok=True)
         _lock_run_folder(exp_dir)
         for folder in (exp_dir, ckpt_dir, os.path.join(exp_dir, "ema")):
-            checkpoints.remove_leftovers(folder)  # writes killed midway (their targets are intact)
+            early += _caught(checkpoints.remove_leftovers, folder)[1]  # writes killed midway (targets intact)
         if resume_path is not None:
             step = _step_of(resume_path)
             ema_dir = os.path.join(exp_dir, "ema")
@@ -379,6 +387,8 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
     barrier()
     logger = create_logger(exp_dir)
     logger.info(f"Experiment directory: {exp_dir} (world_size={dist.world_size}, {dist.device}, {precision})")
+    for message in early:
+        logger.warning(f"Warning: {message}")
     if away is not None:
         logger.info(f"Checkpoints and EMA exports newer than {resume_path} (an abandoned branch) are kept in {away}; "
                     f"the metrics rows after its step are dropped from metrics.jsonl")
@@ -460,7 +470,8 @@ def resume_training(exp, args, keys, loader=None, required=("model", "opt", "arg
                                  f"start a new run")
         step = restore_training_state(ckpt, loader, **objects)
         _record_saved(exp.resume, step, ckpt.get("model") or {})  # what the NaN message calls the last checkpoint
-        exp.metrics.truncate_after(step)
+        for message in _caught(exp.metrics.truncate_after, step)[1]:
+            exp.logger.warning(f"Warning: {message}")
         exp.logger.info(f"Resumed from {exp.resume} at step {step}")
         lr = lr(ckpt) if callable(lr) else lr
         if lr is not None:  # an optimiser's state dict carries its learning rate: the one asked for now wins

@@ -164,6 +164,13 @@ def test_7_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
         f.truncate(100)  # a copy cut short, a disk error
     with pytest.warns(UserWarning, match=r"0000004.pt cannot be read .* resuming from the older .*0000002.pt"):
         assert tu.resolve_resume("auto", str(tmp_path)).endswith("0000002.pt")
+    # A real run: it continues from step 2 (the newer, unreadable file is shelved) and its log.txt says why.
+    folder = dit_run(tmp_path / "runs", "--max-steps", "4", "--ckpt-every", "2", "--keep-last", "0")
+    with open(os.path.join(folder, "checkpoints", "0000004.pt"), "r+b") as f:
+        f.truncate(100)
+    dit_run(tmp_path / "runs", "--max-steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert "Warning: --resume auto: " in log and "Resumed from" in log and "0000002.pt at step 2" in log
 
 
 def test_8_leftovers_of_a_killed_save_go_and_writes_are_synced_and_atomic(tmp_path, monkeypatch):
@@ -177,8 +184,8 @@ def test_8_leftovers_of_a_killed_save_go_and_writes_are_synced_and_atomic(tmp_pa
     (run / "diffusers.tmp.99999").mkdir()  # the new one complete
     (run / "diffusers.tmp.99999" / "config.json").write_text("new")
     dist = tu.setup_distributed()
-    with pytest.warns(UserWarning, match="writes killed midway"):
-        tu.setup_experiment(str(tmp_path), "x", None, dist, "fp32", train_dit.get_args(DIT + ["--exp-name", "run"]))
+    tu.setup_experiment(str(tmp_path), "x", None, dist, "fp32", train_dit.get_args(DIT + ["--exp-name", "run"]))
+    assert "Warning: removed what writes killed midway left behind" in (run / "log.txt").read_text()  # said there
     assert os.listdir(ckpts) == [] and os.listdir(run / "ema") == []
     assert (run / "diffusers" / "config.json").read_text() == "new" and not list(run.glob("diffusers.*"))
     (ckpts / "0000004.pt.tmp.99999").write_bytes(b"x")
@@ -263,6 +270,11 @@ def test_symlink_loops_corrupt_files_and_bad_options_are_named(tmp_path):
     os.symlink("..", tmp_path / "imgs" / "a" / "up")               # a cycle
     with pytest.warns(UserWarning, match="skipping .*loop"):
         assert len(data.ImageFolder(str(tmp_path / "imgs"))) == 1
+    (tmp_path / "imgs" / "b").mkdir()  # a second class: the cycle through the root must not list b's image under a
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "b" / "y.png")
+    with pytest.warns(UserWarning, match="up: it leads to the dataset root or another class folder"):
+        ds = data.ImageFolder(str(tmp_path / "imgs"))
+    assert [(os.path.relpath(p, ds.root), label) for p, label in ds.samples] == [("a/x.png", 0), ("b/y.png", 1)]
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="bad.pt"):
         tu.load_checkpoint(str(tmp_path / "bad.pt"))
