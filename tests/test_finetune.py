@@ -464,6 +464,26 @@ def test_channels_last_and_cudnn_benchmark_compute_the_same_fine_tune(tmp_path):
     assert len(losses["nchw"]) == 9 and losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-4)
 
 
+def test_compile_traces_the_blocks_at_every_tau_size_and_keeps_the_eager_losses(tmp_path, monkeypatch):
+    # torch.compile's graph capture (dynamo + AOT autograd) without inductor's C++ code generation, which would take
+    # minutes on this CPU: the adaptive weight's autograd.grad through compiled blocks, new tau sizes every step.
+    compiled = []
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__) or
+                        real(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        folder = fe.main(fe.parse_args(["--preset", "tiny", "--max-steps", "4", "--num-images", "8", "--eq-prob", "1",
+                                        "--global-batch-size", "2", "--log-every", "1", "--results-dir", str(tmp_path),
+                                        "--exp-name", name, *extra]))
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        losses[name] = [r[k] for r in rows if "rec" in r for k in ("rec", "nll", "kl")]
+    assert set(compiled) == {"ResnetBlock", "Downsample", "Upsample"}  # attention and conv_out stay eager
+    assert len(losses["eager"]) == 12 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    torch._dynamo.reset()
+
+
 def test_preview_rows_show_figure_2_on_an_exactly_equivariant_autoencoder():
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     rows = fe.preview_rows(PointwiseAE(), x)

@@ -1,6 +1,7 @@
-"""Every stage at --precision bf16 through CPU autocast: the code path CUDA takes by default for the generators.
-Each run is compared with the same run in fp32 (same seed, data and steps): bf16 must really be on (the losses
-differ) and stay close (they agree to bf16's precision), with no non-finite value anywhere."""
+"""The code paths CUDA takes, run on the CPU. Every stage at --precision bf16 through CPU autocast (the generators'
+default on CUDA), each compared with the same run in fp32 (same seed, data and steps): bf16 must really be on (the
+losses differ) and stay close (they agree to bf16's precision), with no non-finite value anywhere. And --compile of
+SiT + REPA and MaskGIT against eager (DiT's and the fine-tune's are in their own test files)."""
 import json
 import math
 import os
@@ -72,3 +73,23 @@ def test_sampling_and_evaluation_run_bf16_on_the_cpu(tmp_path):
         recon[p] = json.loads(out.stdout.strip().splitlines()[-1])
     assert math.isfinite(recon["bf16"]["psnr"]) and recon["bf16"]["psnr"] != recon["fp32"]["psnr"]
     assert abs(recon["bf16"]["psnr"] - recon["fp32"]["psnr"]) < 0.5, recon
+
+
+@pytest.mark.parametrize("stage", ["sit-repa", "maskgit"])
+def test_compile_keeps_the_eager_losses(stage, tmp_path, monkeypatch):
+    """--compile of SiT + REPA and MaskGIT: torch.compile's graph capture (dynamo + AOT autograd; inductor's code
+    generation is DiT's test, tests/test_dit.py) gives the eager losses and official checkpoint keys."""
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        argv = ["--preset", "tiny", "--results-dir", str(tmp_path / name), *STEPS, *extra]
+        folder = (train_sit.main(train_sit.get_args(argv + ["--repa"])) if stage == "sit-repa" else
+                  train_maskgit.main(train_maskgit.parse_args(argv)))
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        keys = list(torch.load(os.path.join(folder, "checkpoints", "0000002.pt"), weights_only=True)["model"])
+        runs[name] = ([r["loss"] for r in rows if "loss" in r], keys)
+    torch._dynamo.reset()
+    assert len(runs["eager"][0]) == 2 and runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5)
+    assert runs["compiled"][1] == runs["eager"][1]  # no _orig_mod. / module. prefixes
