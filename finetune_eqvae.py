@@ -363,6 +363,13 @@ def update_summary(path, key, vae, x, interp="bilinear"):
     return summary
 
 
+def logged_names(args, is_vq):
+    """The loss terms the meter averages and logs (metrics.jsonl's keys)."""
+    return ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
+            "logits_fake", "eq_share"] + (["latent"] if args.latent_loss_weight > 0 else []) + \
+        {"scale-eq": ["se"], "vf": ["vf_mcos", "vf_mdms", "vf_weight"]}.get(args.regularizer, [])
+
+
 def summary_line(summary, num_images, exp_dir):
     """The run's last log line: what the fine-tune changed on the held-out images, and where everything is."""
     b, a = summary["base"], summary["fine_tuned"]
@@ -460,6 +467,30 @@ def build_loss_networks(args, device):
         # of LPIPS's lin layers (taming builds it with use_dropout=True). Its weights stay frozen.
         lpips = lpips.to(device).train()
     return disc, lpips
+
+
+def build_optimizers(args, vae, disc, vf_proj, world, device, logger):
+    """Adam (0.5, 0.9), no weight decay, for the autoencoder and the PatchGAN (and VA-VAE's projection), at
+    lr = base-lr x accumulation x global batch as LDM's main.py scales it (or --lr). Returns lr and the three."""
+    lr = args.lr if args.lr is not None else args.base_lr * args.grad_accum * args.global_batch_size
+    logger.info(f"Learning rate {lr:.3g} = base {args.base_lr:g} x accumulation {args.grad_accum} x {world} GPU(s) x "
+                f"{args.global_batch_size // world} per GPU" if args.lr is None else
+                f"Learning rate {lr:.3g} (set with --lr)")
+    # fused on CUDA (tu.adam_kwargs): one kernel per update; the plain optimiser on CPU.
+    adam = lambda params: torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))  # noqa: E731
+    # VA-VAE trains its projection in the autoencoder's Adam; its own Adam with the same settings is the same update
+    # (Adam is per parameter) and leaves opt_ae's state loadable from the init file.
+    return lr, adam(vae.parameters()), adam(disc.parameters()), adam(vf_proj.parameters()) if vf_proj is not None else None
+
+
+def set_memory_format(args, *modules):
+    """--channels-last (NHWC convolutions) and --cudnn-benchmark; returns the memory format for the batches."""
+    fmt = torch.channels_last if args.channels_last else torch.preserve_format
+    for m in modules if args.channels_last else ():
+        if m is not None:
+            m.to(memory_format=fmt)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return fmt
 
 
 def compile_models(vae):
@@ -631,16 +662,7 @@ def main(args):
         if args.regularizer == "vf" else (None, None)
 
     # Setup optimizer (Adam betas (0.5, 0.9) for both, no weight decay, lr scaled as LDM's main.py does):
-    lr = args.lr if args.lr is not None else args.base_lr * args.grad_accum * args.global_batch_size
-    logger.info(f"Learning rate {lr:.3g} = base {args.base_lr:g} x accumulation {args.grad_accum} x {world} GPU(s) x "
-                f"{batch} per GPU" if args.lr is None else f"Learning rate {lr:.3g} (set with --lr)")
-    # fused on CUDA (tu.adam_kwargs): one kernel per update; the plain optimiser on CPU.
-    opt_ae = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))
-    # VA-VAE trains its projection in the autoencoder's Adam; its own Adam with the same settings is the same update
-    # (Adam is per parameter) and leaves opt_ae's state loadable from the init file.
-    opt_vf = torch.optim.Adam(vf_proj.parameters(), lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device)) \
-        if vf_proj is not None else None
+    lr, opt_ae, opt_disc, opt_vf = build_optimizers(args, vae, disc, vf_proj, world, device, logger)
     scaler = tu.make_scaler(precision, device)  # one GradScaler for both optimisers (fp16 only)
 
     # The official starting state: zelaki/eqvae passes kl-f8's model.ckpt to --resume, so Lightning restores its
@@ -670,11 +692,7 @@ def main(args):
     # Prepare models for training:
     if args.compile:
         compile_models(vae)
-    fmt = torch.channels_last if args.channels_last else torch.preserve_format
-    for m in (vae, disc, lpips) if args.channels_last else ():
-        if m is not None:
-            m.to(memory_format=fmt)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    fmt = set_memory_format(args, vae, disc, lpips)
     model = TauAutoencoder(vae, args.interp)
     ddp_model, ddp_disc = tu.distributed(model, device), tu.distributed(disc, device)
     ddp_vf = tu.distributed(vf_proj, device) if vf_proj is not None else None
@@ -712,9 +730,7 @@ def main(args):
         if val_x is not None:  # in fp32, as the fine-tuned one at the end
             update_summary(summary_path, "base", vae, val_x, args.interp)
         vae.train()
-    names = ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
-             "logits_fake", "eq_share"] + (["latent"] if args.latent_loss_weight > 0 else []) + \
-        {"scale-eq": ["se"], "vf": ["vf_mcos", "vf_mdms", "vf_weight"]}.get(args.regularizer, [])
+    names = logged_names(args, is_vq)
     meter = tu.TrainingMeter(names, exp, max_steps, step, args.grad_accum * args.global_batch_size, device)
     one = torch.ones((), device=device)  # scaler.scale(one): GradScaler's scale as a tensor (fp16), read without a sync
     while step < max_steps:
