@@ -480,7 +480,8 @@ def build_optimizers(args, vae, disc, vf_proj, world, device, logger):
     adam = lambda params: torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), **tu.adam_kwargs(device))  # noqa: E731
     # VA-VAE trains its projection in the autoencoder's Adam; its own Adam with the same settings is the same update
     # (Adam is per parameter) and leaves opt_ae's state loadable from the init file.
-    return lr, adam(vae.parameters()), adam(disc.parameters()), adam(vf_proj.parameters()) if vf_proj is not None else None
+    opt_vf = adam(vf_proj.parameters()) if vf_proj is not None else None
+    return lr, adam(vae.parameters()), adam(disc.parameters()), opt_vf
 
 
 def set_memory_format(args, *modules):
