@@ -3,9 +3,9 @@
 # offline on a CPU. Each step below is one of the stage scripts with flags: copy a line from
 # results/demo/report.md (section Commands) and raise the steps / point --data at ImageNet to scale it up.
 #
-#   bash demo.sh                          # the paper's claims (about 20 minutes on 2 idle cores): results/demo/
+#   bash demo.sh                          # the paper's claims, 3 seeds (about an hour on 2 cores): results/demo/
 #   bash demo.sh --quick                  # a handful of steps per stage, one seed (what CI runs), same layout
-#   bash demo.sh --study regularizers     # EQ-VAE beside scale-eq, VA-VAE's vf and no regulariser: results/study/
+#   bash demo.sh --study regularizers     # EQ-VAE, scale-eq, VA-VAE's vf, none (35 minutes): results/study/
 #   DEMO_DIR=/tmp/d bash demo.sh
 #
 # 1. Autoencoders: the tiny KL-VAE and VQ-GAN this project trained (assets/, the "pretrained" bases), fine-tuned
@@ -58,6 +58,9 @@ else
     FT_STEPS=${DEMO_FT_STEPS:-200}; AE_BATCH=${DEMO_AE_BATCH:-16}; AE_IMAGES=${DEMO_AE_IMAGES:-2048}
     GEN_STEPS=${DEMO_GEN_STEPS:-500}; GEN_IMAGES=${DEMO_GEN_IMAGES:-512}; GEN_BATCH=${DEMO_GEN_BATCH:-16}
     NUM_SAMPLES=${DEMO_SAMPLES:-256}; SAMPLING_STEPS=${DEMO_SAMPLING_STEPS:-50}; EVAL_IMAGES=${DEMO_EVAL_IMAGES:-256}
+    if [[ $STUDY == regularizers ]]; then  # 13 DiT runs x 5 checkpoints: half the samples and sampling steps
+        NUM_SAMPLES=${DEMO_SAMPLES:-128}; SAMPLING_STEPS=${DEMO_SAMPLING_STEPS:-25}
+    fi
     PROBE_STEPS=${DEMO_PROBE_STEPS:-200}; PROBE_IMAGES=${DEMO_PROBE_IMAGES:-2048}; PROBE_REF=${DEMO_PROBE_REF:-1000}
     PHOTO_CROPS=${DEMO_PHOTO_CROPS:-16}; LOG_EVERY=10; ID_K=20; SEEDS=(${DEMO_SEEDS:-0 1 2})
 fi

@@ -484,6 +484,35 @@ def test_compile_traces_the_blocks_at_every_tau_size_and_keeps_the_eager_losses(
     torch._dynamo.reset()
 
 
+def test_keep_best_keeps_the_k_lowest_as_lightnings_save_top_k(tmp_path):
+    saved = []
+    for step, value in [(1, 0.5), (2, 0.3), (3, 0.4), (4, 0.6), (5, 0.1)]:
+        tu.keep_best(str(tmp_path), step, value, 2, lambda s: saved.append(s) or
+                     torch.save({"step": s}, tmp_path / f"{s:07d}.pt"))
+    assert saved == [1, 2, 3, 5]  # step 4 (0.6) was never among the 2 best, so it is not even written
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["0000002.pt", "0000005.pt"]
+    assert json.loads((tmp_path / "best.json").read_text()) == {"5": 0.1, "2": 0.3}
+
+
+def test_held_out_reconstruction_loss_selects_the_best_checkpoints(tmp_path):
+    folder = fe.main(fe.parse_args(["--preset", "tiny", "--max-steps", "4", "--num-images", "8", "--global-batch-size",
+                                    "2", "--val-every", "1", "--val-images", "8", "--keep-best", "2",
+                                    "--results-dir", str(tmp_path), "--exp-name", "v"]))
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    val = {r["step"]: r["val_rec_loss"] for r in rows if "val_rec_loss" in r}
+    assert sorted(val) == [1, 2, 3, 4]
+    best = sorted(val, key=val.get)[:2]
+    kept = sorted(int(p[:-3]) for p in os.listdir(os.path.join(folder, "checkpoints", "best")) if p.endswith(".pt"))
+    assert kept == sorted(best)
+    # The value is LDM's val/rec_loss of the kept weights: mean |x - x_hat| of a posterior sample (no LPIPS here).
+    vae = checkpoints.load_autoencoder(os.path.join(folder, "checkpoints", "best", f"{best[0]:07d}.pt"))
+    x = fe.held_out_images(fe.parse_args(["--preset", "tiny", "--val-images", "8"]), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        by_hand = (x - vae.eval().decode(vae.encode(x).sample(g))).abs().mean().item()
+    assert by_hand == pytest.approx(val[best[0]], rel=1e-4)
+
+
 def test_preview_rows_show_figure_2_on_an_exactly_equivariant_autoencoder():
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     rows = fe.preview_rows(PointwiseAE(), x)
