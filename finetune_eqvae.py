@@ -839,7 +839,7 @@ def main(args):
 #################################################################################
 
 PRESETS = {
-    # CPU-sized, about two minutes on 2 cores: the EQ-VAE fine-tune of the tiny KL autoencoder this project trained
+    # CPU-sized, about a minute on 2 cores: the EQ-VAE fine-tune of the tiny KL autoencoder this project trained
     # (assets/: 3000 steps on the built-in 64 px synthetic images), ending with the summary of what it changed on
     # held-out images. base-lr x 10 keeps the official *configured* lr (7.2e-4) at global batch 16 without
     # accumulation. Two terms of the official loss are off at this size: LPIPS (VGG16 would cost ~3x the tiny

@@ -359,19 +359,19 @@ def test_nan_loss_stops_without_touching_checkpoints(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_compile_gives_the_eager_losses_and_keys(tmp_path, monkeypatch, one_thread):
+def test_compile_gives_the_eager_losses_and_keys(tmp_path, one_thread):
     """--compile: the same losses and weights as eager to float tolerance after 2 steps, and checkpoints with the
     official keys (compiled in place). inductor's own RNG would draw other label-dropout masks than eager torch:
     fallback_random makes it use torch's, so the two runs are comparable."""
     import train_dit
     import train_utils
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     rows, states = {}, {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         args = train_dit.get_args(TINY[1:] + ["--num-images", "16", "--global-batch-size", "4", "--max-steps", "2",
                                               "--log-every", "1", "--ckpt-every", "2", "--results-dir",
                                               str(tmp_path / name)] + extra)
-        train_dit.main(args)
+        with torch._inductor.config.patch(fallback_random=True):  # (not monkeypatch: its undo breaks the config)
+            train_dit.main(args)
         rows[name] = [json.loads(line) for line in open(tmp_path / name / "DiT-T-2" / "metrics.jsonl")]
         states[name] = train_utils.load_checkpoint(str(tmp_path / name / "DiT-T-2" / "checkpoints" / "0000002.pt"))
     torch._dynamo.reset()

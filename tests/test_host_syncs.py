@@ -25,9 +25,9 @@ MAKERS = ["tensor", "as_tensor", "from_numpy"]
 
 
 def _ours(frame):
-    """Whether the frame that made the call is the project's code (not torch's, not the tests')."""
-    path = frame.f_code.co_filename
-    return path.startswith(ROOT) and os.sep + "tests" + os.sep not in path
+    """Whether the frame that made the call is the project's code: a module at the top of the repository (not
+    torch's, even from a virtual environment inside the checkout, and not the tests')."""
+    return os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == ROOT
 
 
 @contextmanager
