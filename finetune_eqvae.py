@@ -363,6 +363,15 @@ def update_summary(path, key, vae, x, interp="bilinear"):
     return summary
 
 
+def describe_loss(args, is_vq):
+    """One log line: which terms of the official loss this run trains with (the tiny preset switches two off)."""
+    return ("Loss: L1 + " + (f"LPIPS x {args.perceptual_weight:g}" if args.perceptual_weight > 0 else
+                             "no LPIPS (--perceptual-weight 0)")
+            + (" + codebook" if is_vq else f" + KL x {args.kl_weight:g}") + " + "
+            + (f"PatchGAN x {args.disc_weight:g} x adaptive weight from step {args.disc_start}" if args.disc_weight > 0
+               else "no PatchGAN (--disc-weight 0)"))
+
+
 def logged_names(args, is_vq):
     """The loss terms the meter averages and logs (metrics.jsonl's keys)."""
     return ["loss", "nll", "rec", "lpips", "codebook" if is_vq else "kl", "g", "d_weight", "d", "logits_real",
@@ -715,6 +724,7 @@ def main(args):
                                     vf_proj=vf_proj.state_dict() if vf_proj else None,
                                     opt_vf=opt_vf.state_dict() if opt_vf else None)
 
+    logger.info(describe_loss(args, is_vq))
     logger.info(f"tau: eq-prob {args.eq_prob}, lowres-prob {args.lowres_prob}, transforms {args.transforms}, "
                 f"scales {args.scales}, interp {args.interp}; latent {latent_hw[0]}x{latent_hw[1]}"
                 + (f"; explicit latent loss x {args.latent_loss_weight} (App. A.1)" if args.latent_loss_weight else "")

@@ -51,6 +51,7 @@ def test_main_job_fine_tunes_the_shipped_base_and_says_what_changed(tmp_path):
     out = run_script(["finetune_eqvae.py", "--preset", "tiny", "--results-dir", str(tmp_path), *SMALL_FT])
     log = out.stdout + out.stderr
     assert "discriminator: restored from the init file" in log
+    assert "Loss: L1 + no LPIPS (--perceptual-weight 0) + KL x 1e-06 + no PatchGAN (--disc-weight 0)" in log  # says so
     run = tmp_path / "000-eqvae-tiny-kl-f8"
     summary = json.loads((run / "summary.json").read_text())
     line = next(ln for ln in log.splitlines() if "Summary on 16 held-out images (base -> fine-tuned)" in ln)
