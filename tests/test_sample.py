@@ -45,11 +45,12 @@ def test_sit_and_repa_are_told_apart_and_get_their_papers_defaults(tmp_path, tin
 
     a = sample_args(ckpt=str(tmp_path / "sit.pt"))
     setup(sample.setup_sit, a, tiny_vae, torch.device("cpu"))
-    assert (a.mode, a.sampler, a.cfg_scale) == ("ode", "dopri5", 1.5)  # SiT: dopri5 ODE, cfg 1.5 (REFERENCE 8)
+    assert (a.mode, a.sampler, a.cfg_scale) == ("ode", "dopri5", 1.5)  # SiT: dopri5 ODE, cfg 1.5 (willisma/SiT sample.py)
 
     b = sample_args(ckpt=str(tmp_path / "repa.pt"))
     setup(sample.setup_sit, b, tiny_vae, torch.device("cpu"))
-    # REPA: Euler-Maruyama SDE over 250 steps, cfg 1.8 inside the guidance interval t <= 0.7 (REFERENCE 9).
+    # REPA: Euler-Maruyama SDE over 250 steps, cfg 1.8 inside the guidance interval t <= 0.7
+    # (sihyun-yu/REPA generate.py and its README's evaluation command).
     assert (b.mode, b.num_sampling_steps, b.cfg_scale, b.guidance_high) == ("sde", 250, 1.8, 0.7)
 
 
