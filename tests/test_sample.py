@@ -45,7 +45,8 @@ def test_sit_and_repa_are_told_apart_and_get_their_papers_defaults(tmp_path, tin
 
     a = sample_args(ckpt=str(tmp_path / "sit.pt"))
     setup(sample.setup_sit, a, tiny_vae, torch.device("cpu"))
-    assert (a.mode, a.sampler, a.cfg_scale) == ("ode", "dopri5", 1.5)  # SiT: dopri5 (train_utils.parse_ode_args), cfg 1.5 (README)
+    # SiT: dopri5 ODE (willisma/SiT train_utils.py parse_ode_args), cfg 1.5 (its README's FID 2.06).
+    assert (a.mode, a.sampler, a.cfg_scale) == ("ode", "dopri5", 1.5)
 
     b = sample_args(ckpt=str(tmp_path / "repa.pt"))
     setup(sample.setup_sit, b, tiny_vae, torch.device("cpu"))
