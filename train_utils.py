@@ -349,7 +349,7 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
         os.path.join(results_dir, name)
     exp_dir = broadcast_object(exp_dir)  # rank 0's choice (the indices it saw), on every rank
     _LAST_SAVED.clear()  # the NaN message speaks of this run's checkpoints only
-    ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    ckpt_dir, ema_dir = os.path.join(exp_dir, "checkpoints"), os.path.join(exp_dir, "ema")
     fresh = not os.path.isdir(exp_dir)
     resume_path, early = _caught(resolve_resume, resume, ckpt_dir)  # warnings for log.txt, once it exists
     saved_args = os.path.join(exp_dir, "args.json")
@@ -368,11 +368,10 @@ def setup_experiment(results_dir, name, resume, dist, precision, args=None, keys
             pass
         os.makedirs(ckpt_dir, exist_ok=True)
         _lock_run_folder(exp_dir)
-        for folder in (exp_dir, ckpt_dir, os.path.join(exp_dir, "ema")):
+        for folder in (exp_dir, ckpt_dir, ema_dir):
             early += _caught(checkpoints.remove_leftovers, folder)[1]  # writes killed midway (targets intact)
         if resume_path is not None:
             step = _step_of(resume_path)
-            ema_dir = os.path.join(exp_dir, "ema")
             newer = [p for d in (ckpt_dir, ema_dir) for p in list_checkpoints(d) if step is not None and
                      _step_of(p) > step]
             if newer:  # checkpoints and EMA exports (what sample.py and curves.py read) of the abandoned steps
@@ -796,12 +795,12 @@ def save_generator(exp, step, args, model, ema, opt, scaler, loader, **extra):
     return path
 
 
-
 def log_done(exp, what, step):
     """The last line of a generator run: what trained, where its checkpoints are, and how to sample from them."""
     if _rank() == 0:
         exp.logger.info(f"Done: {what} trained for {step:,} steps; checkpoints in {exp.ckpt_dir} (sample.py --ckpt "
                         f"{list_checkpoints(exp.ckpt_dir)[-1]} draws from it)")
+
 
 def restore_training_state(ckpt, loader=None, **objects):
     """

@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,3 +51,12 @@ def run_with_ema_probe(args, tmp_path, nproc=2, **kwargs):
 def assert_ema_starts_at_rank0_model(records):
     """Every rank's EMA began as the model DDP synchronised from rank 0 (all parameters compared, all equal)."""
     assert all(r["compared"] > 0 and r["max_diff"] == 0.0 for r in records), records
+
+
+@torch.no_grad()
+def perturb(model, scale):
+    """Add scale * N(0, 1) to every parameter: random weights without the zero-initialised layers of a fresh
+    model (DiT's adaLN, LayerNorm affines, zero biases), so a mis-wired tensor shows in the outputs."""
+    for p in model.parameters():
+        p.add_(scale * torch.randn_like(p))
+    return model

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import checkpoints
 import models
+from helpers import perturb
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -28,9 +29,7 @@ def _random_vae(config=MICRO, seed=0):
     """A model whose every tensor (GroupNorm affines included) is random, so a mis-mapped tensor shows."""
     torch.manual_seed(seed)
     vae = (models.KLVAE_models[config]() if isinstance(config, str) else models.KLVAE(**config)).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb(vae, 0.1)
     return vae
 
 

@@ -15,7 +15,7 @@ import checkpoints
 import evaluate
 import finetune_eqvae as fe
 import models
-from helpers import run_script
+from helpers import perturb, run_script
 
 # CPU-sized versions of each family's layout, widths multiples of 32 (LDM's GroupNorm(32) is then inferable).
 SD3_LIKE = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, use_quant_conv=False, resolution=32,
@@ -32,9 +32,7 @@ def random_vae(config, seed=0):
     """Every tensor random (GroupNorm affines included), so a mis-mapped tensor shows."""
     torch.manual_seed(seed)
     vae = models.KLVAE(**config).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb(vae, 0.1)
     return vae
 
 
@@ -229,8 +227,7 @@ def test_cfg_guides_every_channel_of_16_channel_latents():
     torch.manual_seed(0)
     dit = models.DiT_models["DiT-T/2"](input_size=8, in_channels=16, num_classes=10).eval()
     with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+        perturb(dit, 0.02)
         x, t, y = torch.randn(2, 16, 8, 8), torch.tensor([500, 500]), torch.tensor([3, 10])
         out = dit.forward_with_cfg(x, t, y, cfg_scale=4.0)
         both = dit(torch.cat([x[:1], x[:1]]), t, y)

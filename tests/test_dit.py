@@ -12,7 +12,7 @@ from scipy.stats import norm
 import data
 import checkpoints
 import models
-from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
+from helpers import assert_ema_starts_at_rank0_model, perturb, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -72,9 +72,7 @@ def test_repa_projection_and_cfg_formula():
     torch.manual_seed(0)
     m = models.DiT(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10,
                    learn_sigma=True, encoder_depth=2, z_dims=[16, 8], projector_dim=32).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(m, 0.05)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]), torch.tensor([0, 5, 9])
     out, zs = m(x, t, y)
     assert out.shape == (3, 8, 8, 8) and [z.shape for z in zs] == [(3, 16, 16), (3, 16, 8)]
@@ -184,9 +182,7 @@ def test_training_loss_is_mse_plus_detached_vlb():
     d = models.create_diffusion("")
     torch.manual_seed(0)
     m = models.DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=4)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(m, 0.05)
     x0, t, noise, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 5, 999]), torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])
     m.eval()
     terms = d.training_losses(m, x0, t, dict(y=y), noise=noise)
@@ -203,9 +199,7 @@ def test_training_loss_is_mse_plus_detached_vlb():
 def test_sampler_deterministic_for_a_seed():
     torch.manual_seed(0)
     m = models.DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=4).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(m, 0.05)
     d = models.create_diffusion("8")
     z = torch.randn(2, 4, 8, 8)
     kw = dict(y=torch.tensor([1, 4]), cfg_scale=2.0)
@@ -404,8 +398,7 @@ def test_guidance_interval_in_dit_sampler_by_hand():
     torch.manual_seed(0)
     dit = models.DiT_models["DiT-T/2"](input_size=8, num_classes=10).eval()
     with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+        perturb(dit, 0.02)
         x = torch.randn(2, 4, 8, 8)
         for t_val, guided in ((100, False), (500, True), (900, False)):
             t, y = torch.tensor([t_val, t_val]), torch.tensor([3, 10])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import models
-from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
+from helpers import assert_ema_starts_at_rank0_model, perturb, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "maskgit_pytorch_v1_256.json")
@@ -46,9 +46,7 @@ def test_forward_matches_hand_written_transformer():
     LayerNorm eps 1e-12 outside / 1e-5 inside the blocks, exact GELU, tied head + bias, slicing)."""
     torch.manual_seed(0)
     model = _small().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # non-trivial LayerNorm affine and biases
-            p.add_(0.1 * torch.randn_like(p))
+    perturb(model, 0.1)  # non-trivial LayerNorm affine and biases
     K, C, N, D, H = 12, 5, 16, 16, 2
     sd = model.state_dict()
     tokens = torch.randint(0, K + 1, (3, 4, 4))

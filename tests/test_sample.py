@@ -12,6 +12,7 @@ from PIL import Image
 import checkpoints
 import models
 import sample
+from helpers import perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +60,7 @@ def test_sit_generate_is_the_transport_sample_decoded(tmp_path, tiny_vae):
     """The images sample.py writes are D(x / scaling_factor) for the latents the REPA sampler integrates."""
     torch.manual_seed(2)
     repa = models.SiT_models["SiT-T/2"](input_size=8, num_classes=10, encoder_depth=2, z_dims=[32], projector_dim=64)
-    for p in repa.parameters():  # the zero-initialised output layers would make every sample pure noise
-        p.data.add_(0.02 * torch.randn_like(p))
+    perturb(repa, 0.02)  # the zero-initialised output layers would make every sample pure noise
     torch.save(repa.state_dict(), tmp_path / "repa.pt")
     args = sample_args(ckpt=str(tmp_path / "repa.pt"), num_sampling_steps=6, cfg_scale=2.0)
     generate = setup(sample.setup_sit, args, tiny_vae, torch.device("cpu"))

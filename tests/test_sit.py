@@ -12,7 +12,7 @@ import torch
 
 import checkpoints
 import models
-from helpers import assert_ema_starts_at_rank0_model, run_script, run_with_ema_probe
+from helpers import assert_ema_starts_at_rank0_model, perturb, run_script, run_with_ema_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -261,9 +261,7 @@ def test_sit_and_repa_layouts(fixture, kwargs):
 def test_sit_forward_keeps_first_half_and_rebuilds_from_state_dict():
     torch.manual_seed(0)
     sit = models.SiT_models["SiT-T/2"](input_size=8, num_classes=10).eval()
-    with torch.no_grad():
-        for p in sit.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(sit, 0.05)
     dit = models.DiT_models["DiT-T/2"](input_size=8, num_classes=10).eval()
     dit.load_state_dict(sit.state_dict())
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
